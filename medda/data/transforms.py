@@ -1,0 +1,236 @@
+"""MONAI Compose chains built from a data card and the data config.
+
+Three chains share one deterministic preprocessing prefix (`preprocessing`):
+load -> checks -> orientation -> spacing -> label remap -> body crop -> intensity normalisation.
+- `labeled_train_chain`: + pad, foreground-biased patch/slice sampling, augmentations.
+- `unlabeled_train_chain`: the same without ever touching a label key (source-free / SSL contract).
+- `inference_chain`: preprocessing only; it is invertible, so predictions go back to the original grid.
+In 2D mode, slices are sampled from volumes as (H, W, 1) crops squeezed to (H, W); inference runs the
+2D network slice by slice and reassembles the volume (`medda.inference`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    LoadImaged,
+    MapLabelValued,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from medda.config import DataConfig
+from medda.data.cards import DataCard
+from medda.errors import InputError
+
+
+class LoadCase(MapTransform):
+    """LoadImaged (channel first) with NIfTI, NRRD/MHA and DICOM-series readers; unreadable files are user errors."""
+
+    def __init__(self, keys: KeysCollection):
+        super().__init__(keys)
+        from medda.data.readers import SimpleITKReader
+
+        self.loaders = {}
+        for key in self.keys:
+            loader = LoadImaged(key, ensure_channel_first=True, image_only=True)
+            loader.register(SimpleITKReader())
+            self.loaders[key] = loader
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, loader in self.loaders.items():
+            try:
+                d = loader(d)
+            except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a readable image
+                reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+                raise InputError(d[key], None, f"could not be read as an image ({reason})") from None
+        return d
+
+
+class CheckCase(MapTransform):
+    """Refuse NaNs, image/label grid mismatches and label values outside the card's label map."""
+
+    def __init__(self, card: DataCard, card_path: str, with_label: bool):
+        super().__init__(["image", "label"] if with_label else ["image"])
+        self.codes = set(card.label_map)
+        self.card_path = card_path
+        self.with_label = with_label
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d["image"]
+        source = image.meta.get("filename_or_obj", "image")
+        if not torch.isfinite(image).all():
+            raise InputError(source, None, "image contains NaN or infinite values")
+        if not self.with_label:
+            return d
+        label = d["label"]
+        lsource = label.meta.get("filename_or_obj", "label")
+        if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+            raise InputError(
+                lsource, None, f"label grid {tuple(label.shape[1:])} differs from its image's {tuple(image.shape[1:])}"
+            )
+        if not torch.allclose(label.affine.double(), image.affine.double(), atol=1e-3, rtol=1e-4):
+            raise InputError(lsource, None, "label affine (orientation/spacing/origin) differs from its image's")
+        values = set(torch.unique(label).round().long().tolist())
+        unknown = sorted(values - self.codes)
+        if unknown:
+            raise InputError(
+                lsource, None, f"label values {unknown[:8]} are not in the label map of {self.card_path} "
+                f"(expected {sorted(self.codes)})"
+            )
+        return d
+
+
+def body_mask(image: torch.Tensor) -> torch.Tensor:
+    """Voxels above 10 % of the robust intensity range: the body, for cropping away empty air."""
+    flat = image.reshape(-1).float()
+    sample = flat[:: max(1, flat.numel() // 200_000)]
+    lo, hi = sample.min(), torch.quantile(sample, 0.99)
+    return image > lo + 0.1 * (hi - lo)
+
+
+def _spatial_keys(with_label: bool) -> list[str]:
+    return ["image", "label"] if with_label else ["image"]
+
+
+def preprocessing(card: DataCard, data: DataConfig, with_label: bool, card_path: str = "card") -> list:
+    """The deterministic (cacheable, invertible) prefix shared by every chain."""
+    keys = _spatial_keys(with_label)
+    interp = ("bilinear", "nearest") if with_label else ("bilinear",)
+    chain: list = [LoadCase(keys), CheckCase(card, card_path, with_label), Orientationd(keys, axcodes=card.orientation)]
+    if data.spacing is not None and card.spacing_known:
+        chain.append(Spacingd(keys, pixdim=data.spacing, mode=interp))
+    if with_label and card.needs_remap:
+        codes = sorted(card.label_map)
+        chain.append(MapLabelValued("label", codes, [card.label_map[c] for c in codes]))
+    if data.foreground_crop:
+        chain.append(CropForegroundd(keys, source_key="image", select_fn=body_mask, margin=4, allow_smaller=True))
+    recipe = card.intensity
+    if recipe.method == "zscore":
+        chain.append(NormalizeIntensityd("image", nonzero=recipe.nonzero, channel_wise=True))
+    elif recipe.method == "percentile":
+        chain.append(
+            ScaleIntensityRangePercentilesd(
+                "image", recipe.lower_percentile, recipe.upper_percentile, 0.0, 1.0, clip=True, channel_wise=True
+            )
+        )
+    return chain
+
+
+def sample_shape(data: DataConfig) -> list[int]:
+    """The 3D crop that yields one training sample: the patch, or a (H, W, 1) slab in 2D mode."""
+    if data.mode == "3d":
+        return list(data.patch_size)
+    shape = list(data.patch_size)
+    shape.insert(data.slice_axis, 1)
+    return shape
+
+
+def _sampling(data: DataConfig, with_label: bool) -> list:
+    keys = _spatial_keys(with_label)
+    crop = sample_shape(data)
+    pad = [-1 if s == 1 else s for s in crop]  # never pad the sliced axis
+    chain: list = [SpatialPadd(keys, spatial_size=pad)]
+    if with_label:
+        chain.append(
+            RandCropByPosNegLabeld(keys, "label", crop, pos=1, neg=1, num_samples=data.samples_per_volume)
+        )
+    else:
+        chain.append(RandSpatialCropSamplesd(keys, crop, num_samples=data.samples_per_volume, random_size=False))
+    if data.mode == "2d":
+        chain.append(SqueezeDimd(keys, dim=data.slice_axis + 1))
+    return chain
+
+
+def _augmentations(data: DataConfig, with_label: bool) -> list:
+    if not data.augment:
+        return []
+    keys = _spatial_keys(with_label)
+    interp = ("bilinear", "nearest") if with_label else ("bilinear",)
+    ndim = len(data.patch_size)
+    inplane = (0, 1) if data.mode == "2d" else tuple(a for a in range(3) if a != data.slice_axis)
+    rotate = [0.0] * (1 if ndim == 2 else 3)
+    if ndim == 2:
+        rotate[0] = 0.26  # about 15 degrees in-plane
+    else:
+        rotate[data.slice_axis] = 0.26
+    chain: list = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in inplane]
+    if data.patch_size[inplane[0]] == data.patch_size[inplane[1]]:
+        chain.append(RandRotate90d(keys, prob=0.5, spatial_axes=inplane))
+    chain += [
+        RandAffined(keys, prob=0.3, rotate_range=rotate, scale_range=[0.1] * ndim, mode=interp, padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+        RandGaussianNoised("image", prob=0.2, std=0.05),
+    ]
+    return chain
+
+
+def labeled_train_chain(card: DataCard, data: DataConfig, card_path: str = "card") -> Compose:
+    keys = _spatial_keys(True)
+    return Compose(
+        preprocessing(card, data, True, card_path)
+        + _sampling(data, True)
+        + _augmentations(data, True)
+        + [EnsureTyped(keys, track_meta=False)]
+    )
+
+
+def unlabeled_train_chain(card: DataCard, data: DataConfig, card_path: str = "card") -> Compose:
+    """Never reads or creates a 'label' key, whatever the case dicts contain."""
+    return Compose(
+        [_DropLabel()]
+        + preprocessing(card, data, False, card_path)
+        + _sampling(data, False)
+        + _augmentations(data, False)
+        + [EnsureTyped("image", track_meta=False)]
+    )
+
+
+def inference_chain(card: DataCard, data: DataConfig, with_label: bool = False, card_path: str = "card") -> Compose:
+    return Compose(preprocessing(card, data, with_label, card_path))
+
+
+class _DropLabel:
+    """Remove any label path before loading, so an unlabelled chain cannot read one by accident."""
+
+    def __call__(self, data: Mapping) -> dict:
+        return {k: v for k, v in data.items() if k != "label"}
+
+
+def load_label(path: str | Path, card: DataCard) -> tuple[np.ndarray, np.ndarray]:
+    """A label file on its own grid as canonical ids: (array (X, Y, Z) int, affine 4x4). For evaluation."""
+    d = LoadCase(["label"])({"label": str(path)})
+    label = d["label"]
+    array = label[0].numpy()
+    if card.needs_remap:
+        out = np.zeros(array.shape, dtype=np.int16)
+        for code, cid in card.label_map.items():
+            out[array == code] = cid
+        array = out
+    return array.astype(np.int16), label.affine.numpy()

@@ -1,0 +1,407 @@
+"""Bidirectional Copy-Paste (BCP; Bai, Chen, Li, Shen, Wang, CVPR 2023), 2D and 3D from one code path.
+
+Specification: docs/methods.md section 3. Summary of what this file does.
+
+Mask. Each iteration draws ONE cuboid of size floor(beta * n) on every spatial axis n of the actual tensor,
+with its corner uniform in [0, n - floor(beta * n)) (the reference's range: the last fitting position is
+never drawn); M is 1 outside and 0 inside, shared by the whole batch and broadcast over channels. The draw
+uses a torch.Generator seeded from `context.seed`.
+
+Stage 1 (iterations [0, pretrain_iterations)): copy-paste among labelled images. The labelled batch is
+split into halves a / b: X = X_a*M + X_b*(1-M), and the loss is
+  pretrain_loss="mixed" (ACDC): Seg(Q; Y_a | M) + Seg(Q; Y_b | 1-M)
+  pretrain_loss="plain" (LA):   Seg(Q; Y_a*M + Y_b*(1-M) | everywhere)
+The unlabelled batch is ignored.
+
+Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with an EMA teacher.
+  - pseudo-labels: teacher (no_grad, mode `teacher_mode`) on X_u^a and X_u^b separately, argmax, then
+    the largest connected component per sample and per foreground class (`lcc`, `connectivity`); in 2D
+    a sample is a slice, in 3D a volume.
+  - inward  X_in  = X_l^a*M + X_u^a*(1-M);  L_in  = Seg(Q_in;  Y_l^a | M) + alpha*Seg(Q_in;  Yhat_u^a | 1-M)
+  - outward X_out = X_u^b*M + X_l^b*(1-M);  L_out = alpha*Seg(Q_out; Yhat_u^b | M) + Seg(Q_out; Y_l^b | 1-M)
+  - L = L_in + L_out, back-propagated into the student only; the teacher follows by EMA in `after_step`.
+Seg(Q; Y | R) = (CE_R + Dice_R) / 2, CE_R = sum_R CE / |R| (|R| counted over the batch), Dice_R the soft Dice
+over all classes (background included) restricted to R, in one of two forms (`dice_variant`):
+  "pooled_squared" (ACDC): per class, pooled over the batch, 1 - (2 sum p y r + s) / (sum p^2 r + sum y^2 r + s),
+                           s = 1e-10, averaged over classes;
+  "per_sample_linear" (LA): per sample and class, 1 - (2 sum p y r + s) / (sum p r + sum y r + s), s = 1e-5,
+                           averaged over samples and classes.
+`legacy_bg_mask=True` reproduces the ACDC bug fixed upstream in a925e30 (issue #25): the BACKGROUND class's
+Dice ignores R and uses the whole image; foreground classes and CE are restricted to R as usual.
+
+Stage switch. At the first stage-2 step the teacher is initialised from the current student (weights and
+buffers). The reference instead reloads the best stage-1 checkpoint (by validation Dice) into both student
+and teacher; an engine that tracks it calls `load_pretrain_best(state_dict)` before the first stage-2 step
+(and restores the optimiser state itself if it wants ACDC's behaviour).
+
+Defaults left at None resolve per dimensionality to the reference recipe: 2D = ACDC (ema_scope "state_dict",
+dice_variant "pooled_squared", pretrain_loss "mixed"), 3D = LA (ema_scope "params", dice_variant
+"per_sample_linear", pretrain_loss "plain"). The teacher runs in train mode by default (a reference quirk:
+batch statistics, dropout on, BN running statistics updated by its own forwards); "eval" is the alternative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from scipy import ndimage
+
+from medda.engine.ema import ema_update, make_teacher
+from medda.errors import MeddaError
+from medda.methods.base import Method, MethodConfig, StepResult
+from medda.methods.supervised import as_label
+
+DiceVariant = Literal["pooled_squared", "per_sample_linear"]
+DICE_SMOOTH = {"pooled_squared": 1e-10, "per_sample_linear": 1e-5}
+_CE_EPS = 1e-16
+
+
+class BCPConfig(MethodConfig):
+    pretrain_iterations: int | None = Field(
+        None, ge=0, description="stage-1 length; None = a quarter of total_iterations (ACDC: 10k of 40k)"
+    )
+    beta: float = Field(2.0 / 3.0, gt=0.0, le=1.0, description="cuboid edge ratio per spatial axis")
+    u_weight: float = Field(0.5, ge=0.0, description="alpha, the weight of pseudo-labelled regions")
+    ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+    ema_scope: Literal["params", "state_dict"] | None = Field(
+        None, description="None: 2D state_dict, 3D params"
+    )
+    teacher_mode: Literal["train", "eval"] = "train"
+    dice_variant: DiceVariant | None = Field(
+        None, description="None: 2D pooled_squared, 3D per_sample_linear"
+    )
+    dice_smooth: float | None = Field(None, gt=0.0, description="None: 1e-10 pooled_squared, 1e-5 per_sample")
+    legacy_bg_mask: bool = Field(False, description="reproduce the pre-a925e30 background-Dice mask bug")
+    pretrain_loss: Literal["mixed", "plain"] | None = Field(None, description="None: 2D mixed, 3D plain")
+    lcc: bool = Field(True, description="keep the largest connected component of each pseudo-label class")
+    connectivity: int | None = Field(
+        None, ge=1, le=3, description="scipy/skimage connectivity for the LCC; None = full (spatial_dims)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pure functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cuboid_mask(
+    spatial_shape: Sequence[int], beta: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+    """One zero cuboid in a field of ones.
+
+    Returns:
+        mask: float32 CPU tensor of shape `spatial_shape`, 0 inside the cuboid and 1 outside.
+        box: per axis (start, stop) of the cuboid, stop - start == floor(beta * n).
+    """
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must lie in (0, 1], got {beta}")
+    mask = torch.ones(tuple(int(n) for n in spatial_shape), dtype=torch.float32)
+    box = []
+    for n in mask.shape:
+        size = math.floor(beta * n)
+        high = max(n - size, 1)  # corner ~ U[0, n - size); the whole axis when size == n
+        start = int(torch.randint(0, high, (1,), generator=generator).item())
+        box.append((start, start + size))
+    mask[tuple(slice(a, b) for a, b in box)] = 0.0
+    return mask, tuple(box)
+
+
+def copy_paste(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a*M + b*(1-M) for a binary M, exact for integer tensors (dtype of `a` kept).
+
+    `mask` has the spatial shape (or any shape broadcastable to `a`); it is aligned to the trailing axes.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"copy_paste needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return torch.where(mask.to(a.device) > 0.5, a, b.to(a.dtype))
+
+
+def largest_component(
+    labels: torch.Tensor, spatial_dims: int, connectivity: int | None = None
+) -> torch.Tensor:
+    """Keep, per sample and per foreground class, only the largest connected component; the rest becomes 0.
+
+    Args:
+        labels: integer label map (B, *S) or (B, 1, *S) with len(S) == spatial_dims. In 2D each sample is
+            a slice (per-slice components); in 3D components are 3D.
+        connectivity: 1..spatial_dims as in skimage/scipy (1 = faces only); None = spatial_dims (full).
+    Absent classes stay absent; ties between equally large components keep the first in scan order.
+    """
+    conn = spatial_dims if connectivity is None else connectivity
+    if not 1 <= conn <= spatial_dims:
+        raise ValueError(f"connectivity must lie in [1, {spatial_dims}], got {connectivity}")
+    structure = ndimage.generate_binary_structure(spatial_dims, conn)
+    arr = labels.detach().cpu().numpy()
+    flat = arr.reshape((-1,) + arr.shape[-spatial_dims:])
+    out = np.zeros_like(flat)
+    for i, sample in enumerate(flat):
+        for cls in np.unique(sample):
+            if cls == 0:
+                continue
+            comp, n = ndimage.label(sample == cls, structure=structure)
+            if n == 0:
+                continue
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            out[i][comp == int(sizes.argmax())] = cls
+    return torch.from_numpy(out.reshape(arr.shape)).to(labels.device)
+
+
+def _target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, 1, *S) or (B, *S) labels of any dtype -> (B, *S) long."""
+    if target.ndim == logits.ndim:
+        target = target[:, 0]
+    return as_label(target)
+
+
+def _region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A region given as (*S), (B, *S) or (B, 1, *S) -> float (B, *S) on the logits' device."""
+    spatial = logits.shape[2:]
+    if region.ndim == logits.ndim:
+        region = region[:, 0]
+    region = region.to(device=logits.device, dtype=torch.float32)
+    return region.expand(logits.shape[0], *spatial)
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Voxel-wise CE summed over the region R and divided by |R| (both counted over the whole batch)."""
+    r = _region(region, logits)
+    ce = F.cross_entropy(logits.float(), _target(target, logits), reduction="none")
+    return (ce * r).sum() / (r.sum() + _CE_EPS)
+
+
+def masked_dice(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor,
+    variant: DiceVariant = "pooled_squared",
+    legacy_bg_mask: bool = False,
+    smooth: float | None = None,
+) -> torch.Tensor:
+    """Soft Dice loss of softmax(logits) against `target`, restricted to R, averaged over all classes.
+
+    See the module doc for the two variants. With `legacy_bg_mask` the background class uses the whole image.
+    """
+    k = logits.shape[1]
+    prob = torch.softmax(logits.float(), dim=1)
+    onehot = F.one_hot(_target(target, logits), k).movedim(-1, 1).float()
+    r = _region(region, logits).unsqueeze(1).expand_as(prob)
+    if legacy_bg_mask:
+        r = r.clone()
+        r[:, 0] = 1.0
+    s = DICE_SMOOTH[variant] if smooth is None else smooth
+    if variant == "pooled_squared":
+        dims = [0, *range(2, prob.ndim)]
+        inter = (prob * onehot * r).sum(dims)
+        denom = (prob * prob * r).sum(dims) + (onehot * onehot * r).sum(dims)
+        return (1.0 - (2.0 * inter + s) / (denom + s)).mean()
+    if variant == "per_sample_linear":
+        dims = list(range(2, prob.ndim))
+        inter = (prob * onehot * r).sum(dims)
+        denom = (prob * r).sum(dims) + (onehot * r).sum(dims)
+        return 1.0 - ((2.0 * inter + s) / (denom + s)).mean()
+    raise ValueError(f"unknown dice variant '{variant}'")
+
+
+def seg_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    region: torch.Tensor,
+    variant: DiceVariant = "pooled_squared",
+    legacy_bg_mask: bool = False,
+    smooth: float | None = None,
+) -> torch.Tensor:
+    """Seg(Q; Y | R) = (CE_R + Dice_R) / 2."""
+    ce = masked_ce(logits, target, region)
+    dice = masked_dice(logits, target, region, variant, legacy_bg_mask, smooth)
+    return 0.5 * (ce + dice)
+
+
+def mixed_seg_loss(
+    logits: torch.Tensor,
+    target_in_mask: torch.Tensor,
+    target_out_mask: torch.Tensor,
+    mask: torch.Tensor,
+    weight_in_mask: float = 1.0,
+    weight_out_mask: float = 1.0,
+    variant: DiceVariant = "pooled_squared",
+    legacy_bg_mask: bool = False,
+    smooth: float | None = None,
+) -> torch.Tensor:
+    """w1 * Seg(Q; Y1 | M) + w2 * Seg(Q; Y2 | 1 - M), with M = `mask` (1 outside the cuboid).
+
+    Y1 supervises where M = 1 (the image that was copied as background), Y2 where M = 0 (the pasted patch).
+    """
+    opts = dict(variant=variant, legacy_bg_mask=legacy_bg_mask, smooth=smooth)
+    return weight_in_mask * seg_loss(logits, target_in_mask, mask, **opts) + weight_out_mask * seg_loss(
+        logits, target_out_mask, 1.0 - mask, **opts
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BCP(Method):
+    name: ClassVar[str] = "bcp"
+    Config: ClassVar[type[MethodConfig]] = BCPConfig
+    streams: ClassVar[tuple[str, ...]] = ("labeled", "unlabeled")
+    reads_target_labels: ClassVar[bool] = True
+
+    config: BCPConfig
+
+    def __init__(self, model, config, context):
+        super().__init__(model, config, context)
+        three_d = context.spatial_dims == 3
+        self.ema_scope = config.ema_scope or ("params" if three_d else "state_dict")
+        self.dice_variant: DiceVariant = config.dice_variant or (
+            "per_sample_linear" if three_d else "pooled_squared"
+        )
+        self.pretrain_loss = config.pretrain_loss or ("plain" if three_d else "mixed")
+        total = context.total_iterations
+        self.pretrain_iterations = (
+            round(total / 4) if config.pretrain_iterations is None else config.pretrain_iterations
+        )
+        if self.pretrain_iterations > total:
+            raise MeddaError(
+                f"bcp: pretrain_iterations ({self.pretrain_iterations}) exceeds total_iterations ({total})"
+            )
+        if config.connectivity is not None and config.connectivity > context.spatial_dims:
+            raise MeddaError(
+                f"bcp: connectivity {config.connectivity} exceeds spatial_dims {context.spatial_dims}"
+            )
+        self.teacher = make_teacher(model)
+        self._teacher_ready = False
+        self.generator = torch.Generator()
+        self.generator.manual_seed(context.seed)
+        self.last_box: tuple[tuple[int, int], ...] | None = None
+
+    # -- schedule -----------------------------------------------------------------------------------------
+
+    def stage(self, iteration: int) -> int:
+        """1 during copy-paste pre-training, 2 during self-training (iterations are 0-based)."""
+        return 1 if iteration < self.pretrain_iterations else 2
+
+    def load_pretrain_best(self, state_dict: dict) -> None:
+        """Load the chosen stage-1 weights into the student AND the teacher (call before the first stage-2 step)."""
+        self.model.load_state_dict(state_dict)
+        self.teacher.load_state_dict(state_dict)
+        self._teacher_ready = True
+
+    def _start_teacher(self) -> None:
+        self.teacher.load_state_dict(self.model.state_dict())
+        self._teacher_ready = True
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _loss_opts(self) -> dict:
+        return dict(
+            variant=self.dice_variant,
+            legacy_bg_mask=self.config.legacy_bg_mask,
+            smooth=self.config.dice_smooth,
+        )
+
+    def _draw_mask(self, x: torch.Tensor) -> torch.Tensor:
+        mask, self.last_box = cuboid_mask(x.shape[2:], self.config.beta, self.generator)
+        return mask.to(x.device)
+
+    @staticmethod
+    def _halves(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n = x.shape[0]
+        if n < 2 or n % 2:
+            raise MeddaError(
+                f"bcp splits each batch into halves a/b: the {what} batch size must be even, got {n}"
+            )
+        return x[: n // 2], x[n // 2 :]
+
+    @torch.no_grad()
+    def _pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
+        self.teacher.train(self.config.teacher_mode == "train")
+        pred = torch.argmax(self.teacher(x).float(), dim=1)
+        if self.config.lcc:
+            pred = largest_component(pred, self.context.spatial_dims, self.config.connectivity)
+        return pred
+
+    # -- step ---------------------------------------------------------------------------------------------
+
+    def step(self, batch, iteration: int) -> StepResult:
+        x_l = batch["labeled"]["image"]
+        y_l = _target(batch["labeled"]["label"], x_l)
+        xa, xb = self._halves(x_l, "labeled")
+        ya, yb = self._halves(y_l, "labeled")
+        mask = self._draw_mask(x_l)
+        opts = self._loss_opts()
+
+        if self.stage(iteration) == 1:
+            q = self.model(copy_paste(xa, xb, mask))
+            if self.pretrain_loss == "mixed":
+                loss = mixed_seg_loss(q, ya, yb, mask, 1.0, 1.0, **opts)
+            else:
+                loss = seg_loss(q, copy_paste(ya, yb, mask), torch.ones_like(mask), **opts)
+            return StepResult(loss=loss, logs={"loss": float(loss.detach()), "stage": 1.0})
+
+        if "unlabeled" not in batch:
+            raise MeddaError(
+                "bcp self-training (stage 2) needs an 'unlabeled' batch next to the 'labeled' one"
+            )
+        x_u = batch["unlabeled"]["image"]
+        if x_u.shape != x_l.shape:
+            raise MeddaError(
+                f"bcp pairs labelled and unlabelled halves: the batches must have the same shape, got "
+                f"{tuple(x_l.shape)} (labeled) and {tuple(x_u.shape)} (unlabeled)"
+            )
+        ua, ub = self._halves(x_u, "unlabeled")
+
+        if not self._teacher_ready:
+            self._start_teacher()
+        p = next(self.teacher.parameters(), None)
+        if p is not None and p.device != x_u.device:
+            self.teacher.to(x_u.device)
+        plab_a = self._pseudo_label(ua)
+        plab_b = self._pseudo_label(ub)
+
+        alpha = self.config.u_weight
+        q_in = self.model(copy_paste(xa, ua, mask))
+        q_out = self.model(copy_paste(ub, xb, mask))
+        loss_in = mixed_seg_loss(q_in, ya, plab_a, mask, 1.0, alpha, **opts)
+        loss_out = mixed_seg_loss(q_out, plab_b, yb, mask, alpha, 1.0, **opts)
+        loss = loss_in + loss_out
+        fg = 0.5 * ((plab_a > 0).float().mean() + (plab_b > 0).float().mean())
+        return StepResult(
+            loss=loss,
+            logs={
+                "loss": float(loss.detach()),
+                "loss_in": float(loss_in.detach()),
+                "loss_out": float(loss_out.detach()),
+                "stage": 2.0,
+                "pseudo_fg_ratio": float(fg),
+            },
+        )
+
+    def after_step(self, iteration: int) -> None:
+        if self.stage(iteration) == 2 and self._teacher_ready:
+            ema_update(self.teacher, self.model, self.config.ema_decay, self.ema_scope)
+
+    def eval_model(self):
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {
+            "teacher": self.teacher.state_dict(),
+            "teacher_ready": self._teacher_ready,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output (resume)."""
+        self.teacher.load_state_dict(state["teacher"])
+        self._teacher_ready = bool(state.get("teacher_ready", True))
+        if "generator" in state:
+            self.generator.set_state(state["generator"])

@@ -1,0 +1,37 @@
+"""Method registry: name -> class. Adding a method is one new file plus one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from medda.errors import MeddaError
+from medda.methods.base import Method
+
+# name -> "module:Class"; imported lazily so one broken method cannot break the CLI.
+_METHODS: dict[str, str] = {
+    # source training / semi-supervised
+    "supervised": "medda.methods.supervised:Supervised",
+    "mean_teacher": "medda.methods.mean_teacher:MeanTeacher",
+    "bcp": "medda.methods.bcp:BCP",
+    # source-free adaptation and baselines
+    "none": "medda.methods.no_adaptation:NoAdaptation",
+    "adabn": "medda.methods.adabn:AdaBN",
+    "tent": "medda.methods.tent:Tent",
+    "entropy_prior": "medda.methods.entropy_prior:EntropyPrior",
+    "osuda": "medda.methods.osuda:OSUDA",
+    "finetune_fewshot": "medda.methods.finetune_fewshot:FinetuneFewshot",
+}
+
+ADAPTATION_METHODS = ("none", "adabn", "tent", "entropy_prior", "osuda", "finetune_fewshot")
+SSL_METHODS = ("supervised", "mean_teacher", "bcp")
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise MeddaError(f"method '{name}' is unknown; expected one of: {', '.join(list_methods())}")
+    module, cls = _METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

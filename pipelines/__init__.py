@@ -1,0 +1,1 @@
+"""Command-line pipelines: parse a config, call `medda.api`, print what a user needs to see."""

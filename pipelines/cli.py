@@ -1,0 +1,238 @@
+"""`medda` command line: parse a YAML recipe + key=value overrides, call `medda.api`, print a summary.
+
+User mistakes (bad config, unreadable or inconsistent data) print one sentence and exit with status 2,
+without a traceback and without leaving a half-written output folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="medda",
+    help="Adapt segmentation models to new sites (source-free) and train them from few labelled scans.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+card_app = typer.Typer(help="Data cards: validate them and measure class statistics.", no_args_is_help=True)
+app.add_typer(card_app, name="card")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as train.iterations=200 data.mode=2d.")]
+ConfigPath = Annotated[Path, typer.Argument(help="YAML recipe (see configs/).", show_default=False)]
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The MeddaError message inside `err` (MONAI wraps transform errors), or None for internal bugs."""
+    from medda.errors import MeddaError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MeddaError):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _guarded(outputs: list[Path], action: Callable[[], None]) -> None:
+    """Run `action`; on a user error print one line, remove outputs it created, exit 2."""
+    fresh = [p for p in outputs if not p.exists()]
+    try:
+        action()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
+        message = _user_error(err)
+        if message is None:
+            raise
+        for path in fresh:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        typer.echo(f"medda: error: {message}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _config(path: Path | None, overrides: list[str] | None, base: dict | None = None):
+    from medda.config import load_config
+
+    return load_config(path, overrides or [], base)
+
+
+@app.command()
+def train(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Train a segmenter (source training, or semi-supervised with method.name=bcp|mean_teacher)."""
+    from medda import api
+
+    def run() -> None:
+        cfg = _config(config, overrides)
+        _guarded_dirs.append(cfg.output_dir)
+        result = api.train(cfg)
+        typer.echo(f"trained {cfg.method.name}: {result.loop.iterations} iterations in {result.loop.seconds:.0f} s")
+        if result.loop.best_iteration >= 0:
+            typer.echo(f"best validation Dice {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
+        typer.echo(f"selected checkpoint ({result.selection}): {result.checkpoint}")
+        if result.run_id:
+            typer.echo(f"MLflow run: {result.run_id}")
+
+    _run_with_outputs(run)
+
+
+@app.command("train-ssl")
+def train_ssl(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Semi-supervised training plus its supervised-only twin on the same labelled cases, then a comparison."""
+    from pipelines.ssl import run_ssl_with_twin
+
+    _run_with_outputs(lambda: run_ssl_with_twin(_config(config, overrides), _guarded_dirs, typer.echo))
+
+
+@app.command()
+def adapt(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Source-free adaptation of `source_checkpoint` to the unlabelled cases of `data.target`."""
+    from medda import api
+
+    def run() -> None:
+        cfg = _config(config, overrides)
+        _guarded_dirs.append(cfg.output_dir)
+        result = api.adapt(cfg)
+        typer.echo(f"adapted with {cfg.method.name} (prior: {result.prior_source})")
+        if result.collapse:
+            typer.echo(f"WARNING: adaptation stopped: {result.collapse}", err=True)
+        verdict = "RECOMMENDED" if result.recommended else "NOT recommended (keep the source model)"
+        typer.echo(f"adapted model {verdict}: {result.reason}")
+        typer.echo(f"adapted checkpoint: {result.adapted}")
+        typer.echo(f"use: {result.checkpoint}")
+
+    _run_with_outputs(run)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A medda checkpoint (.pt).")],
+    inputs: Annotated[Path, typer.Argument(help="Images: folder, decathlon JSON or nnU-Net dataset folder.")],
+    output: Annotated[Path, typer.Argument(help="Folder for the predicted label maps (NIfTI).")],
+    card: Annotated[Path, typer.Option(help="Data card of the input images.")],
+    overrides: Overrides = None,
+) -> None:
+    """Predict label maps on the original image grids (sliding window, optional flip TTA)."""
+    from medda import api
+    from medda.config import DatasetRef
+
+    def run() -> None:
+        cfg = _config(None, overrides, {"data": {"card": str(card)}, "tracking": {"enabled": False}})
+        _guarded_dirs.append(output)
+        paths = api.predict(checkpoint, cfg, DatasetRef(path=inputs), output)
+        typer.echo(f"wrote {len(paths)} predictions to {output}")
+
+    _run_with_outputs(run)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A medda checkpoint (.pt).")],
+    config: ConfigPath,
+    overrides: Overrides = None,
+    save_predictions: Annotated[bool, typer.Option(help="Also write the predictions.")] = False,
+) -> None:
+    """Dice, HD95, ASSD and NSD per case and class on `data.test` (mm, or voxels when spacing is unknown)."""
+    from medda import api
+
+    def run() -> None:
+        cfg = _config(config, overrides)
+        _guarded_dirs.append(cfg.output_dir)
+        result = api.evaluate(checkpoint, cfg, write_predictions=save_predictions)
+        typer.echo(result.table)
+        typer.echo(f"per-case table: {cfg.output_dir / 'per_case.csv'}")
+
+    _run_with_outputs(run)
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option(help="Working folder for phantoms, checkpoints and tables.")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option(help="Tiny budgets (a smoke run, about a minute).")] = False,
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
+) -> None:
+    """The embedded default: phantoms -> train on site A -> evaluate A and B -> adapt to B -> SSL example."""
+    from pipelines.demo import run_demo
+
+    _run_with_outputs(lambda: run_demo(output, quick=quick, tracking_uri=tracking_uri, echo=typer.echo))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods."""
+    from medda.registry import ADAPTATION_METHODS, SSL_METHODS
+
+    typer.echo("training / semi-supervised: " + ", ".join(SSL_METHODS))
+    typer.echo("source-free adaptation:     " + ", ".join(ADAPTATION_METHODS))
+
+
+@card_app.command("validate")
+def card_validate(card: Annotated[Path, typer.Argument(help="Data card YAML.")]) -> None:
+    """Check a data card against the schema and print its digest."""
+    from medda.data.cards import load_card
+
+    def run() -> None:
+        c = load_card(card)
+        typer.echo(f"{card}: valid ({c.name}, {c.num_classes} classes, digest {c.digest()})")
+
+    _run_with_outputs(run)
+
+
+@card_app.command("stats")
+def card_stats(
+    card: Annotated[Path, typer.Argument(help="Data card YAML.")],
+    dataset: Annotated[Path, typer.Argument(help="Labelled dataset: folder, decathlon JSON or nnU-Net folder.")],
+    split: Annotated[str | None, typer.Option(help="Measure on this split only (e.g. train).")] = None,
+    write: Annotated[bool, typer.Option(help="Write the measured class_stats into the card file.")] = False,
+) -> None:
+    """Measure per-class voxel ratios (per volume and per slice) through the card's preprocessing."""
+    from pipelines.card import measure_card_stats
+
+    _run_with_outputs(lambda: measure_card_stats(card, dataset, split, write, typer.echo))
+
+
+_guarded_dirs: list[Path] = []
+
+
+def _run_with_outputs(run: Callable[[], None]) -> None:
+    """Run a command; output folders it registered and created are removed on a user error."""
+    existed: dict[Path, bool] = {}
+
+    def tracked() -> None:
+        start = len(_guarded_dirs)
+        try:
+            run()
+        finally:
+            for path in _guarded_dirs[start:]:
+                existed.setdefault(path, False)
+
+    try:
+        _guarded([], tracked)
+    except typer.Exit:
+        for path in _guarded_dirs:
+            if path.exists() and not _pre_existing.get(path, False):
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+_pre_existing: dict[Path, bool] = {}
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `medda methods | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

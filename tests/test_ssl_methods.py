@@ -1,0 +1,360 @@
+"""Semi-supervised methods: EMA, supervised, mean teacher, BCP (docs/methods.md section 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from torch import nn
+
+from medda.engine.ema import ema_update, make_teacher
+from medda.errors import MeddaError
+from medda.methods.base import MethodContext
+from medda.methods.bcp import (
+    BCP,
+    BCPConfig,
+    copy_paste,
+    cuboid_mask,
+    largest_component,
+    masked_ce,
+    masked_dice,
+    mixed_seg_loss,
+    seg_loss,
+)
+from medda.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
+from medda.methods.supervised import Supervised, SupervisedConfig
+
+torch.set_num_threads(1)
+
+
+def tiny_unet(dims: int, k: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return UNet(spatial_dims=dims, in_channels=1, out_channels=k, channels=(4, 8), strides=(2,), norm="batch")
+
+
+def ctx(dims: int, shape, total: int = 10, k: int = 3) -> MethodContext:
+    return MethodContext(
+        num_classes=k, spatial_dims=dims, patch_size=tuple(shape), total_iterations=total, seed=3
+    )
+
+
+def batch(shape, k: int = 3, b: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "labeled": {
+            "image": torch.randn(b, 1, *shape, generator=g),
+            "label": torch.randint(0, k, (b, 1, *shape), generator=g).float(),
+        },
+        "unlabeled": {"image": torch.randn(b, 1, *shape, generator=g)},
+    }
+
+
+# ---------------------------------------------------------------- mask and copy-paste
+
+
+@pytest.mark.parametrize("shape", [(12, 9), (12, 9, 7)])
+def test_cuboid_mask_geometry(shape):
+    g = torch.Generator().manual_seed(0)
+    boxes = set()
+    for _ in range(40):
+        mask, box = cuboid_mask(shape, 2 / 3, g)
+        assert mask.shape == shape and mask.dtype == torch.float32
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        zeros = (mask == 0).nonzero()
+        for axis, n in enumerate(shape):
+            size = math.floor(2 / 3 * n)
+            start, stop = box[axis]
+            assert stop - start == size
+            assert 0 <= start < n - size  # corner ~ U[0, n - size)
+            assert zeros[:, axis].min() == start and zeros[:, axis].max() == stop - 1
+        assert zeros.shape[0] == math.prod(math.floor(2 / 3 * n) for n in shape)
+        boxes.add(box)
+    assert len(boxes) > 1  # the position moves across iterations
+    seq = [cuboid_mask(shape, 2 / 3, torch.Generator().manual_seed(5))[1] for _ in range(2)]
+    assert seq[0] == seq[1]  # deterministic for a seed
+
+
+def test_cuboid_mask_full_and_tiny_beta():
+    mask, box = cuboid_mask((4, 6), 1.0, torch.Generator().manual_seed(0))
+    assert mask.sum() == 0 and box == ((0, 4), (0, 6))
+    mask, _ = cuboid_mask((4, 6), 0.1, torch.Generator().manual_seed(0))
+    assert mask.sum() == 24  # floor(0.4) = 0: no cuboid
+
+
+def test_copy_paste_inputs_and_labels():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    a = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[5.0, 6.0], [7.0, 8.0]]]])  # (2, 1, 2, 2)
+    b = -a
+    out = copy_paste(a, b, m)
+    expected = torch.tensor([[[[1.0, -2.0], [-3.0, 4.0]]], [[[5.0, -6.0], [-7.0, 8.0]]]])
+    assert torch.equal(out, expected)
+    assert torch.equal(out, a * m + b * (1 - m))
+    ya = torch.tensor([[[1, 1], [2, 2]]])  # (1, 2, 2) long
+    yb = torch.tensor([[[0, 3], [0, 3]]])
+    y = copy_paste(ya, yb, m)
+    assert y.dtype == torch.long and torch.equal(y, torch.tensor([[[1, 3], [0, 2]]]))
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _logits(probs):  # probs (K, N) -> logits (1, K, 1, N) whose softmax is probs
+    return torch.tensor(probs).log().unsqueeze(0).unsqueeze(2)
+
+
+P = [[0.8, 0.3, 0.6], [0.2, 0.7, 0.4]]  # classes x voxels
+Y = torch.tensor([[[0, 1, 0]]])  # (1, 1, 3)
+ONLY_V1 = torch.tensor([[0.0, 1.0, 0.0]])  # spatial (1, 3)
+
+
+def test_masked_ce_hand_values():
+    q = _logits(P)
+    assert masked_ce(q, Y, ONLY_V1).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    full = (-math.log(0.8) - math.log(0.7) - math.log(0.6)) / 3
+    assert masked_ce(q, Y, torch.ones(1, 3)).item() == pytest.approx(full, rel=1e-6)
+    # |R| is counted over the batch: two identical samples give the same mean
+    q2, y2 = torch.cat([q, q]), torch.cat([Y, Y])
+    assert masked_ce(q2, y2, ONLY_V1).item() == pytest.approx(-math.log(0.7), rel=1e-6)
+    # an empty region contributes 0, not NaN
+    assert masked_ce(q, Y, torch.zeros(1, 3)).item() == 0.0
+
+
+def test_masked_dice_hand_values_and_legacy_bg():
+    q = _logits(P)
+    # pooled squared, region = voxel 1 only (target class 1 there)
+    loss0, loss1 = 1.0, 1 - 1.4 / 1.49
+    got = masked_dice(q, Y, ONLY_V1, "pooled_squared").item()
+    assert got == pytest.approx((loss0 + loss1) / 2, rel=1e-5)
+    # legacy: the background class ignores the region (whole image: y0 = [1,0,1], p0 = [.8,.3,.6])
+    legacy0 = 1 - 2 * 1.4 / (0.64 + 0.09 + 0.36 + 2)
+    got_legacy = masked_dice(q, Y, ONLY_V1, "pooled_squared", legacy_bg_mask=True).item()
+    assert got_legacy == pytest.approx((legacy0 + loss1) / 2, rel=1e-5)
+    assert got_legacy < got
+    # foreground-only difference: legacy equals correct when the region is the whole image
+    ones = torch.ones(1, 3)
+    a = masked_dice(q, Y, ones, "pooled_squared", legacy_bg_mask=True)
+    assert a.item() == pytest.approx(masked_dice(q, Y, ones, "pooled_squared").item(), rel=1e-6)
+    # per-sample linear, s = 1e-5
+    s = 1e-5
+    d0, d1 = s / (0.3 + s), (1.4 + s) / (1.7 + s)
+    got_lin = masked_dice(q, Y, ONLY_V1, "per_sample_linear").item()
+    assert got_lin == pytest.approx(1 - (d0 + d1) / 2, rel=1e-5)
+
+
+def test_mixed_seg_loss_composition():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 5)
+    y1, y2 = torch.randint(0, 3, (2, 1, 4, 5)), torch.randint(0, 3, (2, 1, 4, 5))
+    m, _ = cuboid_mask((4, 5), 0.5, torch.Generator().manual_seed(1))
+    got = mixed_seg_loss(q, y1, y2, m, 1.0, 0.5)
+    expected = seg_loss(q, y1, m) + 0.5 * seg_loss(q, y2, 1 - m)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    parts = 0.5 * (masked_ce(q, y1, m) + masked_dice(q, y1, m))
+    assert seg_loss(q, y1, m).item() == pytest.approx(parts.item(), rel=1e-6)
+    # an empty 1-M region adds nothing
+    assert mixed_seg_loss(q, y1, y2, torch.ones(4, 5)).item() == pytest.approx(
+        seg_loss(q, y1, torch.ones(4, 5)).item(), rel=1e-6
+    )
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def _ema_pair():
+    teacher = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    student = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(1.0)
+        for p in student.parameters():
+            p.fill_(3.0)
+    bt, bs = teacher[1], student[1]
+    bt.running_mean.fill_(0.0), bs.running_mean.fill_(2.0)
+    bt.running_var.fill_(1.0), bs.running_var.fill_(2.0)
+    bt.num_batches_tracked.fill_(5), bs.num_batches_tracked.fill_(7)
+    return teacher, student
+
+
+def test_ema_params_scope():
+    t, s = _ema_pair()
+    ema_update(t, s, 0.9, "params")
+    for p in t.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.2))
+    assert torch.equal(t[1].running_mean, torch.zeros(2)) and torch.equal(t[1].running_var, torch.ones(2))
+    assert t[1].num_batches_tracked.item() == 5
+
+
+def test_ema_state_dict_scope():
+    t, s = _ema_pair()
+    ema_update(t, s, 0.9, "state_dict")
+    for p in t.parameters():
+        assert torch.allclose(p, torch.full_like(p, 1.2))
+    assert torch.allclose(t[1].running_mean, torch.full((2,), 0.2))
+    assert torch.allclose(t[1].running_var, torch.full((2,), 1.1))
+    assert t[1].num_batches_tracked.dtype == torch.long and t[1].num_batches_tracked.item() == 7
+    with pytest.raises(ValueError):
+        ema_update(t, s, 0.9, "buffers")
+
+
+def test_make_teacher_is_a_frozen_copy():
+    s = nn.Linear(2, 2)
+    t = make_teacher(s)
+    assert all(not p.requires_grad for p in t.parameters())
+    assert all(p.requires_grad for p in s.parameters())
+    assert torch.equal(t.weight, s.weight) and t.weight.data_ptr() != s.weight.data_ptr()
+
+
+# ---------------------------------------------------------------- largest connected component
+
+
+def test_lcc_2d_per_slice_per_class():
+    lab = torch.zeros(2, 1, 6, 6, dtype=torch.long)
+    lab[0, 0, 0:2, 0:2] = 1  # class 1: 4 px (kept)
+    lab[0, 0, 4, 4:6] = 1  # class 1: 2 px (dropped)
+    lab[0, 0, 3, 0] = 2  # class 2: 1 px (dropped)
+    lab[0, 0, 5, 0:3] = 2  # class 2: 3 px (kept)
+    lab[1, 0, 2, 2] = 1  # other slice: its own largest (single px) is kept
+    out = largest_component(lab, spatial_dims=2)
+    exp = torch.zeros_like(lab)
+    exp[0, 0, 0:2, 0:2] = 1
+    exp[0, 0, 5, 0:3] = 2
+    exp[1, 0, 2, 2] = 1
+    assert torch.equal(out, exp)
+    # connectivity: diagonal neighbours join with full connectivity only
+    diag = torch.zeros(1, 5, 5, dtype=torch.long)
+    diag[0, 0, 0] = diag[0, 1, 1] = diag[0, 2, 2] = 1
+    diag[0, 4, 3:5] = 1
+    full = diag.clone()
+    full[0, 4, 3:5] = 0  # the 3-px diagonal beats the 2-px bar
+    assert torch.equal(largest_component(diag, 2), full)
+    four = largest_component(diag, 2, connectivity=1)
+    assert four.sum() == 2 and four[0, 4, 3] == 1 and four[0, 0, 0] == 0
+
+
+def test_lcc_3d_vs_per_slice():
+    lab = torch.zeros(1, 6, 6, 6, dtype=torch.long)
+    lab[0, 0:2, 0:2, 0:3] = 1  # 12-voxel column through slices z = 0..2
+    lab[0, 3:6, 3:6, 1] = 1  # 9-voxel plate in slice z = 1 only
+    out3 = largest_component(lab, spatial_dims=3)
+    exp = torch.zeros_like(lab)
+    exp[0, 0:2, 0:2, 0:3] = 1
+    assert torch.equal(out3, exp)
+    slices = lab.permute(0, 3, 1, 2).reshape(6, 6, 6)  # (D, H, W): 2D per slice
+    out2 = largest_component(slices, spatial_dims=2)
+    assert out2[1].sum() == 9 and out2[1, 3, 3] == 1 and out2[1, 0, 0] == 0  # the plate wins in its slice
+    assert out2[0].sum() == 4 and out2[2].sum() == 4
+
+
+# ---------------------------------------------------------------- supervised and mean teacher
+
+
+def test_supervised_equals_monai_dice_ce():
+    net = tiny_unet(2)
+    b = batch((8, 8))
+    res = Supervised(net, SupervisedConfig(), ctx(2, (8, 8))).step(b, 0)
+    ref = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)(
+        net(b["labeled"]["image"]), b["labeled"]["label"].long()
+    )
+    assert res.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert res.logs["loss"] == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_mean_teacher_ramp_and_step():
+    net = tiny_unet(2)
+    mt = MeanTeacher(net, MeanTeacherConfig(ramp_iterations=100), ctx(2, (8, 8), total=200))
+    assert mt.consistency_weight(0) == pytest.approx(0.1 * math.exp(-5))
+    assert mt.consistency_weight(50) == pytest.approx(0.1 * math.exp(-1.25))
+    assert mt.consistency_weight(100) == pytest.approx(0.1)
+    assert mt.consistency_weight(150) == pytest.approx(0.1)
+    default = MeanTeacher(tiny_unet(2), MeanTeacherConfig(), ctx(2, (8, 8), total=200))
+    assert default.ramp_iterations == 200
+    res = mt.step(batch((8, 8)), 0)
+    res.loss.backward()
+    assert all(p.grad is None for p in mt.teacher.parameters())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    mt.after_step(0)  # warm-up decay min(1 - 1/1, .99) = 0: teacher := student
+    for pt, ps in zip(mt.teacher.parameters(), net.parameters(), strict=True):
+        assert torch.equal(pt, ps)
+    assert set(mt.state_dict()) == {"teacher"} and mt.eval_model() is net
+
+
+# ---------------------------------------------------------------- BCP end to end
+
+
+class Recorder(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inputs = net, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (16, 16)), (3, (8, 8, 8))])
+def test_bcp_two_stages(dims, shape):
+    net = Recorder(tiny_unet(dims))
+    bcp = BCP(net, BCPConfig(pretrain_iterations=1), ctx(dims, shape, total=3))
+    assert bcp.ema_scope == ("state_dict" if dims == 2 else "params")
+    params = bcp.configure()
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    b = batch(shape)
+
+    res1 = bcp.step(b, 0)
+    assert res1.logs["stage"] == 1.0 and torch.isfinite(res1.loss)
+    m = torch.ones(shape)
+    m[tuple(slice(a, z) for a, z in bcp.last_box)] = 0
+    x = b["labeled"]["image"]
+    assert torch.equal(net.inputs[-1], copy_paste(x[:2], x[2:], m))
+    opt.zero_grad()
+    res1.loss.backward()
+    opt.step()
+    bcp.after_step(0)
+
+    net.inputs.clear()
+    res2 = bcp.step(b, 1)
+    assert res2.logs["stage"] == 2.0 and torch.isfinite(res2.loss)
+    assert set(res2.logs) == {"loss", "loss_in", "loss_out", "stage", "pseudo_fg_ratio"}
+    assert res2.logs["loss"] == pytest.approx(res2.logs["loss_in"] + res2.logs["loss_out"], rel=1e-5)
+    m = torch.ones(shape)
+    m[tuple(slice(a, z) for a, z in bcp.last_box)] = 0
+    u = b["unlabeled"]["image"]
+    assert torch.equal(net.inputs[0], copy_paste(x[:2], u[:2], m))  # inward
+    assert torch.equal(net.inputs[1], copy_paste(u[2:], x[2:], m))  # outward
+    # the teacher started from the student at the switch
+    for pt, ps in zip(bcp.teacher.parameters(), net.parameters(), strict=True):
+        assert torch.equal(pt, ps)
+    before = [p.clone() for p in bcp.teacher.parameters()]
+    opt.zero_grad()
+    res2.loss.backward()
+    assert all(p.grad is None for p in bcp.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, bcp.teacher.parameters(), strict=True))
+    bcp.after_step(1)
+    changed = [not torch.equal(a, p) for a, p in zip(before, bcp.teacher.parameters(), strict=True)]
+    assert any(changed)
+    for a, pt, ps in zip(before, bcp.teacher.parameters(), net.parameters(), strict=True):
+        assert torch.allclose(pt, 0.99 * a + 0.01 * ps, atol=1e-6)
+    assert bcp.eval_model() is net and "teacher" in bcp.state_dict()
+
+
+def test_bcp_load_pretrain_best_and_errors():
+    net = tiny_unet(2)
+    bcp = BCP(net, BCPConfig(pretrain_iterations=0, legacy_bg_mask=True, teacher_mode="eval"), ctx(2, (8, 8)))
+    best = {k: v + 1 if v.is_floating_point() else v.clone() for k, v in net.state_dict().items()}
+    bcp.load_pretrain_best(best)
+    res = bcp.step(batch((8, 8)), 0)
+    assert res.logs["stage"] == 2.0
+    for k, v in bcp.teacher.state_dict().items():
+        assert torch.equal(v, best[k])  # not overwritten by the switch (eval mode keeps BN buffers)
+    with pytest.raises(MeddaError, match="even"):
+        bcp.step(batch((8, 8), b=3), 1)
+    with pytest.raises(MeddaError, match="exceeds"):
+        BCP(tiny_unet(2), BCPConfig(pretrain_iterations=20), ctx(2, (8, 8), total=10))
+    assert BCP(tiny_unet(2), BCPConfig(), ctx(2, (8, 8), total=40)).pretrain_iterations == 10
