@@ -6,8 +6,6 @@ The CLI (`pipelines/`) parses a config and calls these; tests call them directly
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 import medda
-from medda import metrics
+from medda import evidence, lineage, metrics
 from medda.config import DataConfig, DatasetRef, InferenceConfig, RunConfig
 from medda.data.cards import DataCard, load_card
 from medda.data.datalist import datalist_digest, read_cases
@@ -157,7 +155,7 @@ def _log_inputs(tracker: Tracker, data: Data, roles: dict[str, list[dict]]) -> N
     for context, cases in roles.items():
         tracker.log_dataset(
             f"{data.card.name}:{context}", datalist_digest(cases), str(Path(cases[0]["image"]).parent), context,
-            {"cases": len(cases)},
+            {"cases": len(cases)}, cases=cases,
         )
 
 
@@ -232,7 +230,7 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
         "card.name": data.card.name, "checkpoint.policy": selection, **(tags or {}),
     }):
         tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        roles = {"train-labeled": labeled, **({"val": val_cases} if val_cases else {})}
+        roles = {lineage.labeled_context(cls.streams): labeled, **({"val": val_cases} if val_cases else {})}
         if "unlabeled" in streams:
             roles["train-unlabeled"] = unlabeled
         _log_inputs(tracker, data, roles)
@@ -250,6 +248,7 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
         tracker.set_tags({"checkpoint.selected": chosen.name})
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(chosen, "checkpoints")
+            lineage.register(tracker, chosen, data.card, cfg, "train")
         return TrainResult(chosen, loop.last_path, loop, tracker.run_id, selection)
 
 
@@ -429,8 +428,13 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
         tracker.set_tags({"recommended": str(recommended).lower(), "recommendation.reason": reason,
                           "collapse": collapse or "none"})
         tracker.log_json(state.history, "monitoring/label_free.json")
+        evidence.log_adaptation_evidence(tracker, state.history, out / "evidence", loop.best_iteration, collapse,
+                                         monitor_cfg.margin, data.card.class_names)
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(adapted_path, "checkpoints")
+            lineage.register(tracker, adapted_path, data.card, cfg, "adapt", candidate=recommended,
+                             source_run_id=meta.get("run_id") or "",
+                             extra={"recommended": str(recommended).lower(), "prior.source": prior_source})
         return AdaptResult(recommended_path, adapted_path, recommended, reason, collapse, source_stats,
                            chosen or source_stats, state.history, tracker.run_id, prior_source)
 
@@ -485,18 +489,25 @@ def evaluate(
     with tracker.run(cfg.tracking.run_name or f"evaluate-{meta['method']}", tags={
         "medda.command": "evaluate", "method": meta["method"], "card.digest": card.digest(), "card.name": card.name,
         "parent.run_id": meta.get("run_id") or "", "checkpoint": str(checkpoint),
-        "checkpoint.tag": meta.get("tag", ""), **(tags or {}),
+        "checkpoint.tag": meta.get("tag", ""), "eval.digest": datalist_digest(cases), **(tags or {}),
     }):
-        tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        tracker.log_dataset(f"{card.name}:eval", datalist_digest(cases), str(Path(cases[0]["image"]).parent), "eval")
+        used = cfg.model_copy(update={"data": data_cfg})  # the checkpoint's preprocessing, as actually applied
+        tracker.log_config(used.model_dump(mode="json"), used.digest())
+        tracker.log_dataset(f"{card.name}:eval", datalist_digest(cases), str(Path(cases[0]["image"]).parent), "eval",
+                            cases=cases)
         by_id = {c["id"]: c for c in cases}
+        keeper = evidence.CaseKeeper(card)  # predictions wait on disk; overlays load only 3 cases
         for pred in predict_cases(predictor, cases, chain):
             label, affine = load_label(by_id[pred.case_id]["label"], card)
             if label.shape != pred.label.shape:
                 raise MeddaError(f"{by_id[pred.case_id]['label']}: label grid {label.shape} differs from its image's")
+            if not np.allclose(affine, pred.affine, atol=1e-3, rtol=1e-4):
+                raise MeddaError(f"{by_id[pred.case_id]['label']}: label affine (orientation/spacing/origin) differs "
+                                 "from its image's")
             spacing = spacing_for_metrics(card, affine)
             case_rows = metrics.evaluate_case(pred.label, label, class_ids, card.class_names[1:], spacing)
             rows += [{"case": pred.case_id, **r} for r in case_rows]
+            keeper.add(by_id[pred.case_id], pred.label)
             units.add("mm" if spacing else "voxels")
             if write_predictions:
                 write_prediction(pred, out_dir)
@@ -505,6 +516,8 @@ def evaluate(
         tracker.log_metrics({f"test/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.log_table(rows, "evaluation/per_case.csv")
         tracker.set_tags({"metrics.units": unit})
+        evidence.log_evaluation_evidence(tracker, keeper, rows, card.class_names, cfg.output_dir / "evidence", meta,
+                                         datalist_digest(cases))
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         metrics.write_table_csv(rows, cfg.output_dir / "per_case.csv")
         return EvaluationResult(rows, summary, metrics.format_table(rows), unit, tracker.run_id)

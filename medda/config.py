@@ -78,20 +78,20 @@ class ModelConfig(Strict):
     channels: list[int] = Field([16, 32, 64, 128], description="Feature channels per level (unet/dynunet/segresnet).")
     num_res_units: int = Field(1, ge=0, description="Residual units per level (MONAI UNet).")
     norm: Literal["batch", "instance"] = Field("batch", description="Batch norm is required by AdaBN/TENT/OSUDA.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    encoder: str = Field("resnet18", description="Encoder for flexible_unet / smp_* nets.")
-    in_channels: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability inside the network.")
+    encoder: str = Field("resnet18", description="Encoder for flexible_unet / smp_* nets (random init, no downloads).")
+    in_channels: int = Field(1, ge=1, description="Image channels (modalities).")
 
 
 class OptimConfig(Strict):
-    name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    name: Literal["adam", "adamw", "sgd"] = Field("adamw", description="Optimiser.")
+    lr: float = Field(1e-3, gt=0, description="Base learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Weight decay (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0, description="SGD momentum (nesterov off).")
     schedule: Literal["constant", "poly", "cosine", "step"] = Field("poly", description="Per-iteration LR schedule.")
-    warmup_iterations: int = Field(0, ge=0)
+    warmup_iterations: int = Field(0, ge=0, description="Linear LR warm-up iterations.")
     step_size: int = Field(2500, ge=1, description="'step' schedule: multiply by step_gamma every step_size iterations.")
-    step_gamma: float = Field(0.1, gt=0)
+    step_gamma: float = Field(0.1, gt=0, description="'step' schedule: LR multiplier.")
 
 
 class TrainConfig(Strict):
@@ -103,19 +103,24 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 autocast on CPUs with bf16 units and on CUDA; off: float32."
     )
     channels_last: bool = Field(True, description="channels_last(_3d) memory layout (faster convolutions on CPU).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of data sampling, augmentation, initialisation and method draws.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
     select_by: Literal["val_dice", "last", "label_free"] = Field(
         "val_dice", description="Checkpoint policy: best validation Dice, the last one, or the label-free rule (adaptation)."
     )
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads an unquoted `off` (amp: off, train.amp=off) as false
+
 
 class InferenceConfig(Strict):
     roi_size: list[int] | None = Field(None, description="Sliding-window ROI; default the training patch size.")
-    overlap: float = Field(0.5, ge=0, lt=1)
-    blend: Literal["gaussian", "constant"] = "gaussian"
-    sw_batch_size: int = Field(4, ge=1)
+    overlap: float = Field(0.5, ge=0, lt=1, description="Fraction of overlap between neighbouring windows.")
+    blend: Literal["gaussian", "constant"] = Field("gaussian", description="How overlapping windows are blended.")
+    sw_batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
     sw_device: str | None = Field(None, description="Device for window compute (default: the run device).")
     out_device: str | None = Field("cpu", description="Device that accumulates the full-volume output.")
     tta_flips: bool = Field(False, description="Average predictions over spatial flips (test-time augmentation).")
@@ -123,14 +128,14 @@ class InferenceConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: record nothing (no MLflow at all).")
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file, http://127.0.0.1:5000, ...).")
-    experiment: str = "medda"
-    run_name: str | None = None
+    experiment: str = Field("medda", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: command-method).")
     fallback_uri: str | None = Field(
         None, description="Used when `uri` is an unreachable server; None refuses to start instead."
     )
-    log_checkpoint: bool = True
+    log_checkpoint: bool = Field(True, description="Log the selected checkpoint as a run artifact.")
     system_metrics: bool = Field(False, description="MLflow system metrics (CPU/memory) while a run is active.")
 
 
@@ -231,11 +236,6 @@ def load_raw(path: Path | str) -> dict:
         raise MeddaError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise MeddaError(f"{path}: expected a mapping of sections at the top level")
-    return raw
-
-
-def resolve_paths(raw: dict, base: Path) -> dict:
-    """Make relative data paths in a recipe relative to the recipe's folder's repository root (cwd-independent)."""
     return raw
 
 

@@ -4,6 +4,10 @@ A run records the resolved config (params + YAML artifact), data card and datali
 dataset inputs with a context), the git commit and tree state, the medda version, metrics (batched: one
 SQLite commit per call), per-case tables and checkpoints. Tracking can be switched off (`tracking.enabled=false`),
 in which case a no-op tracker with the same interface is used.
+
+Selected checkpoints become versions of registered models named per site and task (`registered_model_name`),
+and `TrackingStore` reads runs, artifacts and registered models back as plain data (`medda audit`, `compare`,
+`promote`), so that no other module needs MLflow.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import platform
 import socket
 import subprocess
 import urllib.request
+import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +104,8 @@ class Tracker:
         base = {"medda.version": medda.__version__, "host": socket.gethostname(), "python": platform.python_version()}
         base.update(git_state())
         base.update(tags or {})
+        # Inside an active run (a method sweep's parent), a run is its nested child (tag mlflow.parentRunId).
+        nested = nested or self.mlflow.active_run() is not None
         with self.mlflow.start_run(
             run_name=name, nested=nested, tags=base, log_system_metrics=self.cfg.system_metrics or None
         ) as active:
@@ -121,13 +129,22 @@ class Tracker:
         if clean:
             self.mlflow.log_metrics(clean, step=step)
 
-    def log_dataset(self, name: str, digest: str, source: str, context: str, tags: dict | None = None) -> None:
-        """Record a datalist/card as an MLflow dataset input with a context (source-train, target-adapt, eval)."""
+    def log_dataset(
+        self, name: str, digest: str, source: str, context: str, tags: dict | None = None,
+        cases: list[dict] | None = None,
+    ) -> None:
+        """Record a datalist/card as an MLflow dataset input with a context (source-train, target-adapt, eval).
+
+        With `cases`, their ids and file paths also go to `datasets/<context>.json`, so that an audit can
+        compute overlaps between the data of different runs (evaluation vs training cases).
+        """
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.data.sources import LocalArtifactDatasetSource
 
         dataset = MetaDataset(source=LocalArtifactDatasetSource(str(source)), name=name, digest=digest)
         self.mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in (tags or {}).items()})
+        if cases is not None:
+            self.log_json(case_manifest(name, digest, context, cases), f"datasets/{context}.json")
 
     def log_table(self, rows: list[dict], artifact_file: str) -> None:
         """A list of dict rows as a CSV artifact."""
@@ -146,6 +163,65 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path)
 
+    # ------------------------------------------------------------------------------------- model registry
+    def register_checkpoint(
+        self, checkpoint: Path, name: str, tags: dict[str, Any], candidate: bool = True,
+        artifact_dir: str = "checkpoints",
+    ) -> dict[str, str] | None:
+        """Register the run's logged checkpoint folder as a new version of registered model `name`.
+
+        The version's source is `runs:/<run>/<artifact_dir>` (so it points back at the run), its tags say
+        what it is (method, data card digest, source model version, ...), and alias `candidate` moves to it
+        when `candidate`. A registry failure does not lose the run: it is tagged `registry.error` and warned.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.mlflow.MlflowClient()
+        try:
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, tags={"medda.registered_by": "medda"},
+                                               description="medda segmentation models for one task and site")
+            mv_tags = {k: str(v) for k, v in tags.items() if v is not None}
+            mv_tags.update({"run_id": self.run_id, "checkpoint.file": Path(checkpoint).name})
+            version = client.create_model_version(
+                name, f"runs:/{self.run_id}/{artifact_dir}", run_id=self.run_id, tags=mv_tags, await_creation_for=0,
+            )
+            if candidate:
+                client.set_registered_model_alias(name, "candidate", version.version)
+        except MlflowException as err:
+            message = str(err).splitlines()[0][:300]
+            self.set_tags({"registry.error": message})
+            warnings.warn(f"medda: could not register {Path(checkpoint).name} as '{name}': {message}", stacklevel=2)
+            return None
+        self.set_tags({"registry.model": name, "registry.version": version.version,
+                       "registry.alias": "candidate" if candidate else ""})
+        return {"name": name, "version": str(version.version)}
+
+    def model_versions_for_run(self, run_id: str | None) -> list[str]:
+        """'name/version' of every registered version created from `run_id` (e.g. the source model's)."""
+        if not run_id:
+            return []
+        try:
+            found = self.mlflow.MlflowClient().search_model_versions(f"run_id = '{run_id}'")
+        except Exception:  # noqa: BLE001 - a store without registry simply has no versions
+            return []
+        return [f"{v.name}/{v.version}" for v in found]
+
+    def find_evaluation(self, parent_run_id: str | None, eval_digest: str) -> tuple[str, list[dict]] | None:
+        """The newest evaluate run of the model from `parent_run_id` on the same cases (datalist digest):
+        (run id, per-case rows), or None. Used for before/after plots (source model vs adapted model)."""
+        if not parent_run_id:
+            return None
+        store = TrackingStore(self.uri)
+        for run in store.search_runs({"medda.command": "evaluate", "parent.run_id": parent_run_id}):
+            if run.dataset_digest("eval") == eval_digest:
+                rows = store.read_csv(run.run_id, "evaluation/per_case.csv")
+                if rows:
+                    return run.run_id, rows
+        return None
+
 
 class NullTracker(Tracker):
     """Same interface, records nothing (tracking.enabled=false)."""
@@ -162,10 +238,21 @@ class NullTracker(Tracker):
     def log_config(self, config: dict[str, Any], digest: str) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-    def log_dataset(self, name: str, digest: str, source: str, context: str, tags: dict | None = None) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str, tags: dict | None = None,
+                    cases: list[dict] | None = None) -> None: ...
     def log_table(self, rows: list[dict], artifact_file: str) -> None: ...
     def log_json(self, data: Any, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def register_checkpoint(self, checkpoint: Path, name: str, tags: dict[str, Any], candidate: bool = True,
+                            artifact_dir: str = "checkpoints") -> dict[str, str] | None:
+        return None
+
+    def model_versions_for_run(self, run_id: str | None) -> list[str]:
+        return []
+
+    def find_evaluation(self, parent_run_id: str | None, eval_digest: str) -> tuple[str, list[dict]] | None:
+        return None
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker:
@@ -180,3 +267,275 @@ def _redact_nested(config: Any) -> Any:
     if isinstance(config, str) and "://" in config and "@" in config:
         return _redact({"v": config})["v"]
     return config
+
+
+# ------------------------------------------------------------------------------------------ lineage helpers
+def case_manifest(name: str, digest: str, context: str, cases: list[dict]) -> dict[str, Any]:
+    """What a run saw of a dataset: ids and resolved file paths per case (for overlap checks in audits)."""
+    entries = []
+    for case in cases:
+        entry = {"id": str(case["id"]), "image": str(Path(case["image"]).resolve())}
+        if "label" in case:
+            entry["label"] = str(Path(case["label"]).resolve())
+        entries.append(entry)
+    return {"name": name, "digest": digest, "context": context, "cases": entries}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_." else "_" for c in text.strip().lower()).strip("_") or "x"
+
+
+def registered_model_name(card_name: str, class_names: list[str]) -> str:
+    """Registry name per site (data card) and task (the label set): medda-<card>-<fg1>-<fg2>-..."""
+    task = "-".join(_slug(n) for n in class_names[1:]) or "seg"
+    return f"medda-{_slug(card_name)}-{task}"
+
+
+# ------------------------------------------------------------------------------------------ reading back
+@dataclass
+class RunRecord:
+    """A tracked run as plain data (what audits and comparisons read; no MLflow types leak out)."""
+
+    run_id: str
+    name: str
+    experiment_id: str
+    experiment: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    inputs: list[dict[str, Any]]
+    artifact_uri: str
+
+    @property
+    def command(self) -> str:
+        return self.tags.get("medda.command", "")
+
+    @property
+    def parent_run_id(self) -> str:
+        """The run whose model this run used (source model of an adaptation, model of an evaluation, twin)."""
+        return self.tags.get("parent.run_id", "")
+
+    @property
+    def sweep_parent_id(self) -> str:
+        return self.tags.get("mlflow.parentRunId", "")
+
+    def dataset_digest(self, context: str) -> str | None:
+        for item in self.inputs:
+            if item["context"] == context:
+                return item["digest"]
+        return None
+
+
+def _is_missing(err: BaseException) -> bool:
+    code = getattr(err, "error_code", "")
+    return "RESOURCE_DOES_NOT_EXIST" in str(code) or "not found" in str(err).lower() or "does not exist" in str(err).lower()
+
+
+class TrackingStore:
+    """Read runs, artifacts and registered models back from a tracking store (audit, compare, promote)."""
+
+    def __init__(self, uri: str):
+        from mlflow import MlflowClient
+
+        if uri.startswith(("http://", "https://")) and not server_reachable(uri):
+            raise MeddaError(f"tracking server {_redact({'u': uri})['u']} is unreachable (start it: `medda server`)")
+        if uri.startswith("sqlite:///"):
+            path = Path(uri[len("sqlite:///"):])
+            if not path.is_file():
+                raise MeddaError(f"{path}: no tracking database here (give --tracking-uri or set MLFLOW_TRACKING_URI)")
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self._experiments: dict[str, str] = {}
+
+    # runs
+    def _record(self, run) -> RunRecord:
+        exp_id = run.info.experiment_id
+        if exp_id not in self._experiments:
+            try:
+                self._experiments[exp_id] = self.client.get_experiment(exp_id).name
+            except Exception:  # noqa: BLE001
+                self._experiments[exp_id] = exp_id
+        inputs = []
+        for item in (run.inputs.dataset_inputs if run.inputs else []) or []:
+            tags = {t.key: t.value for t in item.tags}
+            inputs.append({
+                "name": item.dataset.name, "digest": item.dataset.digest, "source": item.dataset.source,
+                "context": tags.pop("mlflow.data.context", ""), "tags": tags,
+            })
+        return RunRecord(
+            run.info.run_id, run.info.run_name or "", exp_id, self._experiments[exp_id], run.info.status,
+            run.info.start_time, run.info.end_time, dict(run.data.tags), dict(run.data.params),
+            dict(run.data.metrics), inputs, run.info.artifact_uri,
+        )
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._record(self.client.get_run(run_id))
+        except MlflowException as err:
+            if _is_missing(err) or "INVALID_PARAMETER_VALUE" in str(getattr(err, "error_code", "")):
+                return None
+            raise
+
+    def experiment_ids(self, names: list[str] | None = None) -> list[str]:
+        if names:
+            ids = []
+            for name in names:
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    known = ", ".join(sorted(e.name for e in self.client.search_experiments())) or "none"
+                    raise MeddaError(f"experiment '{name}' not found on {self.uri} (known: {known})")
+                ids.append(exp.experiment_id)
+            return ids
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def search_runs(
+        self, tags: dict[str, str] | None = None, experiments: list[str] | None = None, max_results: int = 2000
+    ) -> list[RunRecord]:
+        """Finished or running runs whose tags equal `tags`, newest first."""
+        ids = self.experiment_ids(experiments)
+        if not ids:
+            return []
+        clauses = [f"tags.`{k}` = '{str(v).replace(chr(39), '')}'" for k, v in (tags or {}).items()]
+        runs = self.client.search_runs(
+            ids, " and ".join(clauses), max_results=max_results, order_by=["attributes.start_time DESC"]
+        )
+        return [self._record(r) for r in runs]
+
+    # artifacts
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        out = []
+        for info in self.client.list_artifacts(run_id, path):
+            out += self.list_artifacts(run_id, info.path) if info.is_dir else [info.path]
+        return out
+
+    def download(self, run_id: str, path: str, dst: Path) -> Path | None:
+        from mlflow.exceptions import MlflowException
+
+        dst.mkdir(parents=True, exist_ok=True)
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dst)))
+        except (MlflowException, OSError):
+            return None
+
+    def read_text(self, run_id: str, path: str) -> str | None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="medda-artifact-") as tmp:
+            local = self.download(run_id, path, Path(tmp))
+            return local.read_text() if local and local.is_file() else None
+
+    def read_json(self, run_id: str, path: str) -> Any:
+        text = self.read_text(run_id, path)
+        return json.loads(text) if text else None
+
+    def read_csv(self, run_id: str, path: str) -> list[dict[str, Any]]:
+        text = self.read_text(run_id, path)
+        if not text:
+            return []
+        rows = []
+        for row in csv.DictReader(io.StringIO(text)):
+            rows.append({k: v if k in _TEXT_COLUMNS else _number(v) for k, v in row.items()})
+        return rows
+
+    # registry
+    @staticmethod
+    def _version(mv) -> dict[str, Any]:
+        return {
+            "name": mv.name, "version": str(mv.version), "run_id": mv.run_id or "", "source": mv.source,
+            "tags": dict(mv.tags or {}), "aliases": list(getattr(mv, "aliases", []) or []),
+            "created": mv.creation_timestamp, "description": mv.description or "", "status": mv.status,
+        }
+
+    def model_version(self, name: str, ref: str) -> dict[str, Any]:
+        """A registered version by number or alias ('3', 'champion')."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = (self.client.get_model_version(name, str(ref)) if str(ref).isdigit()
+                  else self.client.get_model_version_by_alias(name, str(ref)))
+        except MlflowException as err:
+            raise MeddaError(f"registered model '{name}' has no version or alias '{ref}' on {self.uri}") from err
+        return self._version(mv)
+
+    def resolve_model_uri(self, uri: str) -> dict[str, Any]:
+        """models:/<name>/<version> or models:/<name>@<alias> -> that version."""
+        if not uri.startswith("models:/"):
+            raise MeddaError(f"{uri}: not a model URI (expected models:/<name>/<version> or models:/<name>@<alias>)")
+        rest = uri[len("models:/"):]
+        if "@" in rest:
+            name, ref = rest.split("@", 1)
+        elif "/" in rest:
+            name, ref = rest.rsplit("/", 1)
+        else:
+            raise MeddaError(f"{uri}: give a version or an alias (models:/{rest}/1 or models:/{rest}@champion)")
+        return self.model_version(name, ref)
+
+    def versions_for_run(self, run_id: str) -> list[dict[str, Any]]:
+        try:
+            found = self.client.search_model_versions(f"run_id = '{run_id}'")
+        except Exception:  # noqa: BLE001 - a store without registry simply has no versions
+            return []
+        # Search results carry no aliases on every store: read each version (there are few per run).
+        return [self._version(self.client.get_model_version(v.name, v.version)) for v in found]
+
+    def registered_model(self, name: str) -> dict[str, Any]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            rm = self.client.get_registered_model(name)
+        except MlflowException as err:
+            raise MeddaError(f"registered model '{name}' not found on {self.uri}") from err
+        aliases = getattr(rm, "aliases", {}) or {}
+        return {"name": rm.name, "tags": dict(rm.tags or {}), "aliases": dict(aliases), "description": rm.description or ""}
+
+    def promote(self, name: str, version: str, alias: str, reason: str, user: str) -> dict[str, Any]:
+        """Move `alias` to `version`, recording who, why and when on the version (and on the one it replaces)."""
+        from datetime import datetime, timezone
+
+        from mlflow.exceptions import MlflowException
+
+        if not reason.strip():
+            raise MeddaError("promote: --reason is required (it is recorded with the promotion)")
+        target = self.model_version(name, version)
+        previous = None
+        with contextlib.suppress(MlflowException):
+            previous = str(self.client.get_model_version_by_alias(name, alias).version)
+        when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            self.client.set_registered_model_alias(name, alias, target["version"])
+        except MlflowException as err:
+            raise MeddaError(f"promote: cannot set alias '{alias}': {str(err).splitlines()[0]}") from err
+        history = json.loads(target["tags"].get("promotion.history", "[]") or "[]")
+        history.append({"alias": alias, "by": user, "reason": reason, "at": when, "replaced": previous})
+        tags = {
+            f"promotion.{alias}.by": user, f"promotion.{alias}.reason": reason, f"promotion.{alias}.at": when,
+            "promotion.history": json.dumps(history[-20:]),
+        }
+        if previous and previous != target["version"]:
+            tags[f"promotion.{alias}.replaced"] = previous
+            self.client.set_model_version_tag(name, previous, f"promotion.{alias}.superseded_by",
+                                              f"version {target['version']} at {when} by {user}")
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, target["version"], key, value)
+        return {"name": name, "version": target["version"], "alias": alias, "previous": previous,
+                "by": user, "reason": reason, "at": when}
+
+
+_TEXT_COLUMNS = ("case", "class", "units", "role")
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text) if text != "" else text
+    except ValueError:
+        return text
+
+
+def default_uri() -> str:
+    """The tracking URI for reading commands: $MLFLOW_TRACKING_URI, else medda's default local store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

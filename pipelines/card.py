@@ -11,7 +11,7 @@ import yaml
 
 from medda.api import Data, measure_class_ratios
 from medda.config import DataConfig, DatasetRef
-from medda.data.cards import card_to_yaml, load_card
+from medda.data.cards import load_card
 from medda.data.datalist import read_cases
 from medda.errors import MeddaError
 
@@ -36,6 +36,23 @@ def measure_card_stats(
     if write:
         raw = card.model_dump(mode="json")
         raw["class_stats"] = stats
-        card_path.write_text(card_to_yaml(type(card).model_validate(raw)))
+        type(card).model_validate(raw)  # refuse to write a card that would not load
+        card_path.write_text(_with_class_stats(card_path.read_text(), stats))
         echo(f"wrote class_stats into {card_path} (digest now {load_card(card_path).digest()})")
     return stats
+
+
+def _with_class_stats(text: str, stats: dict) -> str:
+    """The card's text with its top-level `class_stats` block replaced (or appended): comments and layout kept."""
+    lines = text.splitlines()
+    out, skipping = [], False
+    for line in lines:
+        top_level = bool(line) and not line[0].isspace() and not line.startswith("#")
+        if top_level:
+            skipping = line.startswith("class_stats:")
+        if not skipping:
+            out.append(line)
+    while out and not out[-1].strip():
+        out.pop()
+    block = yaml.safe_dump({"class_stats": stats}, sort_keys=False, width=120).rstrip("\n")
+    return "\n".join(out) + "\n" + block + "\n"

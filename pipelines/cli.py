@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -93,13 +94,21 @@ def train_ssl(config: ConfigPath, overrides: Overrides = None) -> None:
 
 
 @app.command()
-def adapt(config: ConfigPath, overrides: Overrides = None) -> None:
+def adapt(
+    config: ConfigPath, overrides: Overrides = None,
+    methods: Annotated[str | None, typer.Option(help="Sweep: comma-separated methods, nested runs under one parent.")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Sweep: also evaluate the source and adapted models on data.test.")] = False,
+) -> None:
     """Source-free adaptation of `source_checkpoint` to the unlabelled cases of `data.target`."""
     from medda import api
 
     def run() -> None:
         cfg = _config(config, overrides)
         _guarded_dirs.append(cfg.output_dir)
+        if methods or evaluate:
+            from pipelines.audit_cli import adapt_sweep
+
+            return adapt_sweep(cfg, methods or cfg.method.name, evaluate)
         result = api.adapt(cfg)
         typer.echo(f"adapted with {cfg.method.name} (prior: {result.prior_source})")
         if result.collapse:
@@ -199,12 +208,21 @@ def card_stats(
     _run_with_outputs(lambda: measure_card_stats(card, dataset, split, write, typer.echo))
 
 
-_guarded_dirs: list[Path] = []
+class _OutputDirs(list):
+    """Output folders registered by commands; remembers which already existed (those are never removed)."""
+
+    def append(self, path: Path) -> None:
+        _pre_existing[Path(path)] = Path(path).exists()
+        super().append(Path(path))
+
+
+_guarded_dirs: list[Path] = _OutputDirs()
 
 
 def _run_with_outputs(run: Callable[[], None]) -> None:
     """Run a command; output folders it registered and created are removed on a user error."""
     existed: dict[Path, bool] = {}
+    first = len(_guarded_dirs)  # earlier commands of this process (tests, notebooks) keep their outputs
 
     def tracked() -> None:
         start = len(_guarded_dirs)
@@ -217,7 +235,7 @@ def _run_with_outputs(run: Callable[[], None]) -> None:
     try:
         _guarded([], tracked)
     except typer.Exit:
-        for path in _guarded_dirs:
+        for path in _guarded_dirs[first:]:
             if path.exists() and not _pre_existing.get(path, False):
                 shutil.rmtree(path, ignore_errors=True)
         raise
@@ -225,9 +243,13 @@ def _run_with_outputs(run: Callable[[], None]) -> None:
 
 _pre_existing: dict[Path, bool] = {}
 
+from pipelines.audit_cli import register; register(app)  # noqa: E402, E702, I001 - audit, compare, promote, server
+
 
 def main() -> None:
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    if "PYTHONWARNINGS" not in os.environ:
+        os.environ["PYTHONWARNINGS"] = "ignore::FutureWarning"  # worker processes
+        warnings.filterwarnings("ignore", category=FutureWarning)  # this one: the variable is read at start-up only
     try:
         app()
     except BrokenPipeError:  # e.g. `medda methods | head`

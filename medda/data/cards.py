@@ -73,7 +73,17 @@ class DataCard(Strict):
     spacing: list[float] | Literal["unknown"] = Field(
         description="Voxel size in mm (x, y, z) or 'unknown' (distances are then reported in voxels)."
     )
-    orientation: str = Field("RAS", description="Axis codes volumes are reoriented to.")
+    orientation: str = Field(
+        "RAS",
+        description="Axis codes volumes are reoriented to, or 'native' to keep the stored voxel grid. Use 'native' "
+        "for oblique 2D stacks (e.g. cardiac short-axis cine): reorienting them to the nearest world axes can move "
+        "the slice axis to a different array axis from one case to the next.",
+    )
+    inplane_rot90: int = Field(
+        0, ge=0, le=3,
+        description="Quarter turns (numpy rot90 direction) of voxel axes 0 -> 1 applied after orientation, to put a "
+        "site's in-plane axes in the convention another site's model was trained with (check with labels first).",
+    )
     intensity: IntensityRecipe = Field(default_factory=IntensityRecipe)
     labels: list[LabelEntry]
     class_stats: ClassStats | None = None

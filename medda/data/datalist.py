@@ -23,14 +23,18 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _NNUNET_CHANNEL = re.compile(r"_(\d{4})$")
 
 
-def case_id(path: Path | str) -> str:
-    """File or folder name without image suffixes (and without an nnU-Net channel suffix)."""
+def case_id(path: Path | str, nnunet_image: bool = False) -> str:
+    """File or folder name without image suffixes (and, for an nnU-Net image, without its channel suffix).
+
+    Only nnU-Net images carry a `_0000` channel suffix; elsewhere (labels, plain folders, JSON lists) a trailing
+    `_0001` is part of the case id (`case_0001`), and stripping it would merge or mis-pair cases.
+    """
     name = Path(path).name
     for suffix in IMAGE_SUFFIXES:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return _NNUNET_CHANNEL.sub("", name)
+    return _NNUNET_CHANNEL.sub("", name) if nnunet_image else name
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -39,14 +43,14 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _from_folder(root: Path) -> list[dict]:
-    for images_name, labels_name in (("images", "labels"), ("imagesTr", "labelsTr")):
-        images = root / images_name
-        if images.is_dir():
-            break
-    else:
+    layouts = (("images", "labels"), ("imagesTr", "labelsTr"))
+    found = next(((i, lab) for i, lab in layouts if (root / i).is_dir()), None)
+    if found is None:
         raise MeddaError(
             f"{root}: expected an 'images/' (or nnU-Net 'imagesTr/') folder, a dataset.json, or a datalist .json file"
         )
+    images_name, labels_name = found
+    images = root / images_name
     nnunet = (root / "dataset.json").is_file()
     labels_dir = root / labels_name
     label_by_id = {case_id(p): p for p in _image_files(labels_dir)} if labels_dir.is_dir() else {}
@@ -54,7 +58,7 @@ def _from_folder(root: Path) -> list[dict]:
     for image in _image_files(images):
         if nnunet and not image.name.split(".")[0].endswith("_0000"):
             continue  # extra modalities (_0001, ...) of a multi-channel nnU-Net case: single-channel for now
-        cid = case_id(image)
+        cid = case_id(image, nnunet_image=nnunet)
         case = {"id": cid, "image": str(image)}
         if cid in label_by_id:
             case["label"] = str(label_by_id[cid])

@@ -85,6 +85,7 @@ class SimpleITKReader(ImageReader):
         series_meta: for DICOM series, copy the first slice's DICOM tags into the metadata.
         affine_lps_to_ras: convert the affine from ITK's LPS to RAS (default, as NibabelReader).
         pixel_type: SimpleITK pixel type id to read as (``sitk.sitkFloat32``, ...); None: the file's type.
+        read_nifti: claim .nii/.nii.gz files too (False: leave them to nibabel, which honours sform/qform).
     """
 
     def __init__(
@@ -95,8 +96,11 @@ class SimpleITKReader(ImageReader):
         series_meta: bool = False,
         affine_lps_to_ras: bool = True,
         pixel_type: int | None = None,
+        read_nifti: bool = True,
     ):
         super().__init__()
+        # read_nifti=False leaves NIfTI to NibabelReader when both are registered with one LoadImage.
+        self.suffixes = SITK_SUFFIXES if read_nifti else tuple(s for s in SITK_SUFFIXES if s not in NIFTI_SUFFIXES)
         self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
         self.series_name = series_name
         self.reverse_indexing = reverse_indexing
@@ -109,7 +113,7 @@ class SimpleITKReader(ImageReader):
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True if every name is a directory (DICOM series) or has a supported suffix."""
         return all(
-            Path(f"{name}").is_dir() or _has_suffix(name, SITK_SUFFIXES) for name in ensure_tuple(filename)
+            Path(f"{name}").is_dir() or _has_suffix(name, self.suffixes) for name in ensure_tuple(filename)
         )
 
     def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> Any:

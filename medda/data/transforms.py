@@ -35,6 +35,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropSamplesd,
+    Rotate90d,
     ScaleIntensityRangePercentilesd,
     Spacingd,
     SpatialPadd,
@@ -56,7 +57,7 @@ class LoadCase(MapTransform):
         self.loaders = {}
         for key in self.keys:
             loader = LoadImaged(key, ensure_channel_first=True, image_only=True)
-            loader.register(SimpleITKReader())
+            loader.register(SimpleITKReader(read_nifti=False))
             self.loaders[key] = loader
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -121,7 +122,11 @@ def preprocessing(card: DataCard, data: DataConfig, with_label: bool, card_path:
     """The deterministic (cacheable, invertible) prefix shared by every chain."""
     keys = _spatial_keys(with_label)
     interp = ("bilinear", "nearest") if with_label else ("bilinear",)
-    chain: list = [LoadCase(keys), CheckCase(card, card_path, with_label), Orientationd(keys, axcodes=card.orientation)]
+    chain: list = [LoadCase(keys), CheckCase(card, card_path, with_label)]
+    if card.orientation.lower() != "native":
+        chain.append(Orientationd(keys, axcodes=card.orientation))
+    if card.inplane_rot90:
+        chain.append(Rotate90d(keys, k=card.inplane_rot90, spatial_axes=(0, 1)))
     if data.spacing is not None and card.spacing_known:
         chain.append(Spacingd(keys, pixdim=data.spacing, mode=interp))
     if with_label and card.needs_remap:
@@ -228,6 +233,10 @@ def load_label(path: str | Path, card: DataCard) -> tuple[np.ndarray, np.ndarray
     d = LoadCase(["label"])({"label": str(path)})
     label = d["label"]
     array = label[0].numpy()
+    unknown = sorted(set(np.unique(np.round(array)).astype(int).tolist()) - set(card.label_map))
+    if unknown:  # as CheckCase does for training: never score against codes the card does not define
+        raise InputError(path, None, f"label values {unknown[:8]} are not in the label map of card '{card.name}' "
+                         f"(expected {sorted(card.label_map)})")
     if card.needs_remap:
         out = np.zeros(array.shape, dtype=np.int16)
         for code, cid in card.label_map.items():

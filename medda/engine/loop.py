@@ -113,15 +113,6 @@ def run_loop(
     model = method.model.to(device)
     if fmt is not None:
         model.to(memory_format=fmt)
-    params = method.configure()
-    optimizer = build_optimizer(params, optim) if params else None
-    total = one_pass_length if method.one_pass else train.iterations
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, optim)) if optimizer else None
-    )
-    initial_optimizer_state = optimizer.state_dict() if optimizer else None
-    episodic = bool(getattr(method.config, "episodic", False))
-
     history: list[dict] = []
     best_score, best_iteration, best_path = -math.inf, -1, None
     stopped = ""
@@ -147,14 +138,33 @@ def run_loop(
             best_path = save("best", it)
         return False
 
-    if validate is not None and method.reads_target_labels is False and train.select_by == "label_free":
-        # The starting model is a candidate too: adaptation may only be chosen if it beats the source.
-        if checkpoint(0):
-            return LoopResult(0, best_path, save("last", 0), best_iteration, best_score, history, stopped, 0.0)
+    if validate is not None and train.select_by == "label_free":
+        # The untouched starting model is scored first (before `configure` resets or re-wires anything):
+        # adaptation may only be chosen if it beats the source model.
+        checkpoint(0)
+    params = method.configure()
+    optimizer = build_optimizer(params, optim) if params else None
+    total = one_pass_length if method.one_pass else train.iterations
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, optim)) if optimizer else None
+    )
+    initial_optimizer_state = optimizer.state_dict() if optimizer else None
+    episodic = bool(getattr(method.config, "episodic", False))
+
 
     it = 0
+    phase = method.phase(0)
     bar = tqdm(range(total), desc=method.name, leave=False, dynamic_ncols=True)
     for it in bar:
+        if method.phase(it) != phase:
+            # New phase (BCP pre-training -> self-training): continue from the previous phase's best weights.
+            phase = method.phase(it)
+            best_state = None
+            if best_path is not None:
+                from medda.models.factory import read_checkpoint
+
+                best_state = read_checkpoint(best_path)["state_dict"]
+            method.start_phase(phase, best_state)
         batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
         if episodic and optimizer is not None:
             method.reset()
@@ -177,7 +187,10 @@ def run_loop(
             if log:
                 log(averaged, it + 1)
             running.clear()
-        if (it + 1) % train.val_every == 0 and it + 1 < total and checkpoint(it + 1):
+        phase_ends = it + 1 < total and method.phase(it + 1) != method.phase(it)
+        # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
+        due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
+        if due and it + 1 < total and checkpoint(it + 1):
             break
     bar.close()
     method.finalize()

@@ -97,6 +97,13 @@ class Method(ABC):
     def after_step(self, iteration: int) -> None:  # noqa: B027 (optional hook)
         """Called after the optimiser step (EMA updates, statistic schedules)."""
 
+    def phase(self, iteration: int) -> int:
+        """Training phase at `iteration` (e.g. BCP: 1 pre-training, 2 self-training); one phase by default."""
+        return 1
+
+    def start_phase(self, phase: int, best_state: dict | None) -> None:  # noqa: B027 (optional hook)
+        """Called before the first step of a new phase with the best validated weights of the previous one."""
+
     def finalize(self) -> None:  # noqa: B027 (optional hook)
         """Called once after the last step (e.g. AdaBN's source/target statistic mixing)."""
 

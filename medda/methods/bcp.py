@@ -289,6 +289,14 @@ class BCP(Method):
         """1 during copy-paste pre-training, 2 during self-training (iterations are 0-based)."""
         return 1 if iteration < self.pretrain_iterations else 2
 
+    def phase(self, iteration: int) -> int:
+        return self.stage(iteration)
+
+    def start_phase(self, phase: int, best_state: dict | None) -> None:
+        """Self-training starts from the best pre-training checkpoint (by validation Dice) when there is one."""
+        if phase == 2 and best_state is not None:
+            self.load_pretrain_best(best_state)
+
     def load_pretrain_best(self, state_dict: dict) -> None:
         """Load the chosen stage-1 weights into the student AND the teacher (call before the first stage-2 step)."""
         self.model.load_state_dict(state_dict)

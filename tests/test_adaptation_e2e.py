@@ -1,0 +1,139 @@
+"""End-to-end source-free adaptation on phantoms: the source-free contract, collapse detection, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from monai.data.image_reader import NibabelReader
+
+from medda import api
+from medda.config import load_config
+from medda.data.phantoms import write_phantom_dataset
+from medda.errors import MeddaError
+from medda.models.factory import read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+FOV = (64.0, 64.0, 48.0)
+
+
+def _source_cfg(data: Path, out: Path, extra: list[str] | None = None):
+    overrides = [
+        f"data.card={REPO / 'data_cards/phantom_site_a.yaml'}",
+        *[f"data.{role}.path={data / 'A' / 'datalist.json'}" for role in ("train", "val", "test")],
+        "data.patch_size=[32,32,16]",
+        "model.channels=[8,16,32]",
+        "train.iterations=40",
+        "train.val_every=20",
+        "tracking.enabled=false",
+        f"output_dir={out}",
+        *(extra or []),
+    ]
+    return load_config(REPO / "configs/phantom_source.yaml", overrides)
+
+
+def _adapt_cfg(data: Path, source: Path, out: Path, method: str, extra: list[str] | None = None):
+    overrides = [
+        f"data.card={REPO / 'data_cards/phantom_site_b.yaml'}",
+        f"data.target.path={data / 'B' / 'datalist.json'}",
+        f"data.test.path={data / 'B' / 'datalist.json'}",
+        f"source_checkpoint={source}",
+        f"method.name={method}",
+        "method.options={}",
+        "train.iterations=6",
+        "train.val_every=3",
+        "tracking.enabled=false",
+        f"output_dir={out}",
+        *(extra or []),
+    ]
+    return load_config(REPO / "configs/phantom_adapt.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms"), ("A", "B"), cases_per_site=5, seed=3, fov_mm=FOV)
+
+
+@pytest.fixture(scope="module")
+def source_checkpoint(phantoms, tmp_path_factory) -> Path:
+    return api.train(_source_cfg(phantoms, tmp_path_factory.mktemp("source"))).checkpoint
+
+
+@pytest.fixture
+def opened_files(monkeypatch) -> list[str]:
+    """Every image file a MONAI NIfTI reader opens during the test."""
+    opened: list[str] = []
+    original = NibabelReader.read
+
+    def spy(self, data, **kwargs):
+        for name in data if isinstance(data, (list, tuple)) else [data]:
+            opened.append(str(name))
+        return original(self, data, **kwargs)
+
+    monkeypatch.setattr(NibabelReader, "read", spy)
+    return opened
+
+
+@pytest.mark.parametrize("method", ["none", "adabn", "tent", "entropy_prior", "osuda"])
+def test_adaptation_reads_only_unlabelled_target_images(method, phantoms, source_checkpoint, tmp_path, opened_files):
+    result = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / method, method))
+
+    assert opened_files, "the spy saw no reads at all"
+    assert all("/B/imagesTr/" in f for f in opened_files), "adaptation read something other than target images"
+    assert not any("labelsTr" in f for f in opened_files), "adaptation read a target label"
+    assert not any("/A/" in f for f in opened_files), "adaptation read a source image"
+    meta = read_checkpoint(result.adapted)["meta"]
+    assert meta["adapted_to"] == "phantom_site_b" and meta["source_card"]["name"] == "phantom_site_a"
+    # The label-free history starts with the untouched source model and has one entry per check.
+    assert result.history[0]["iteration"] == 0
+    assert result.source_stats["iteration"] == 0
+
+
+def test_source_model_is_scored_before_the_method_touches_it(phantoms, source_checkpoint, tmp_path):
+    """AdaBN resets BN statistics in `configure`: the source score must come from the untouched model."""
+    none = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / "none", "none"))
+    adabn = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / "adabn", "adabn"))
+    assert adabn.source_stats["flip_consistency"] == pytest.approx(none.source_stats["flip_consistency"], abs=1e-6)
+    assert adabn.source_stats["prior_kl"] == pytest.approx(none.source_stats["prior_kl"], abs=1e-6)
+
+
+def test_none_is_never_recommended_and_returns_the_source(phantoms, source_checkpoint, tmp_path):
+    result = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path, "none"))
+    assert not result.recommended
+    assert result.checkpoint == source_checkpoint
+
+
+def test_induced_collapse_stops_and_is_not_recommended(phantoms, source_checkpoint, tmp_path):
+    # A prior that says "everything is background" and a huge learning rate drive every class away.
+    cfg = _adapt_cfg(phantoms, source_checkpoint, tmp_path, "entropy_prior", [
+        "method.options.trainable=all", "method.prior.source=constant",
+        "method.prior.values=[0.99997, 0.00001, 0.00001, 0.00001]", "method.options.lambda_kl=50",
+        "optim.name=sgd", "optim.lr=0.5", "train.iterations=30", "train.val_every=2",
+    ])
+    result = api.adapt(cfg)
+    assert result.collapse, "the induced collapse was not detected"
+    assert "vanished" in result.collapse or "degenerated" in result.collapse
+    assert not result.recommended
+    assert result.checkpoint == source_checkpoint  # the source model stays the recommendation
+    stopped_at = result.history[-1]["iteration"]
+    assert stopped_at < 30, "adaptation did not stop at the collapse"
+
+
+def test_oracle_prior_is_recorded_as_such(phantoms, source_checkpoint, tmp_path):
+    result = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path, "entropy_prior",
+                                  ["method.prior.source=oracle", "train.iterations=2"]))
+    assert result.prior_source == "oracle"
+
+
+def test_bn_method_refuses_a_model_without_batch_norm(phantoms, tmp_path):
+    source = api.train(_source_cfg(phantoms, tmp_path / "src", ["model.norm=instance", "train.iterations=2"])).checkpoint
+    with pytest.raises(MeddaError, match="batch-norm"):
+        api.adapt(_adapt_cfg(phantoms, source, tmp_path / "tent", "tent"))
+
+
+def test_class_count_mismatch_is_a_clear_error(phantoms, source_checkpoint, tmp_path):
+    card = tmp_path / "card.yaml"
+    text = (REPO / "data_cards/phantom_site_b.yaml").read_text().replace("  - {code: 3, id: 3, name: rv}\n", "")
+    card.write_text(text)
+    with pytest.raises(MeddaError, match="predicts 4"):
+        api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / "x", "tent", [f"data.card={card}"]))

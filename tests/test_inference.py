@@ -1,0 +1,138 @@
+"""Inference: sliding windows equal a full forward pass, predictions land on the input grid, flip TTA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import toy_card_fields
+from torch import nn
+
+from medda.config import DataConfig, InferenceConfig, ModelConfig
+from medda.data.cards import DataCard
+from medda.data.transforms import inference_chain
+from medda.inference import Predictor, predict_cases, to_label, write_prediction
+from medda.models.factory import build_model
+
+CPU = torch.device("cpu")
+CARD = DataCard.model_validate(toy_card_fields([1.2, 0.8, 2.5], ["bright"]))
+
+
+def eval_net(spatial_dims: int, num_classes: int = 3) -> nn.Module:
+    """A tiny UNet in eval mode with non-trivial batch-norm statistics."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(channels=[8, 16, 32]), spatial_dims, num_classes)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def predictor(net, mode: str, patch, **inference) -> Predictor:
+    data = DataConfig(card=Path("c.yaml"), mode=mode, patch_size=list(patch))
+    return Predictor(net, data, InferenceConfig(**inference), CPU, amp=None, channels_last=False)
+
+
+def test_sliding_window_equals_full_forward_3d():
+    net = eval_net(3)
+    x = torch.randn(1, 1, 32, 24, 16, generator=torch.Generator().manual_seed(1))
+    p = predictor(
+        net, "3d", [16, 16, 8], roi_size=[32, 24, 16], overlap=0.0, blend="constant", sw_batch_size=1
+    )
+    with torch.no_grad():
+        expected = torch.softmax(net(x), dim=1)
+    got = p.probabilities(x)
+    assert got.shape == (1, 3, 32, 24, 16)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    # windows smaller than the volume really are stitched (a different, but same-shaped, answer)
+    tiled = predictor(net, "3d", [16, 16, 8], overlap=0.0, blend="constant").probabilities(x)
+    assert tiled.shape == got.shape and not torch.allclose(tiled, got, atol=1e-3)
+
+
+@pytest.mark.parametrize("slice_axis", [2, 0])
+def test_slice_inference_equals_per_slice_forward_2d(slice_axis):
+    net = eval_net(2)
+    x = torch.randn(1, 1, 16, 24, 8, generator=torch.Generator().manual_seed(2))
+    plane = [s for a, s in enumerate(x.shape[2:]) if a != slice_axis]
+    data = DataConfig(card=Path("c.yaml"), mode="2d", patch_size=plane, slice_axis=slice_axis)
+    p = Predictor(
+        net,
+        data,
+        InferenceConfig(roi_size=plane, overlap=0.0, blend="constant", sw_batch_size=3),
+        CPU,
+        amp=None,
+        channels_last=True,
+    )
+    got = p.probabilities(x)
+    assert got.shape == (1, 3, 16, 24, 8)
+    with torch.no_grad():
+        moved = torch.movedim(x, slice_axis + 2, 0)  # (S, 1, 1, H, W)
+        per_slice = torch.stack([torch.softmax(net(s), dim=1) for s in moved])  # (S, 1, K, H, W)
+        expected = torch.movedim(per_slice, 0, slice_axis + 2)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
+def test_flip_tta_shape_and_normalisation(mode):
+    net = eval_net(3 if mode == "3d" else 2, num_classes=4)
+    x = torch.randn(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(3))
+    patch = [16, 16, 8] if mode == "3d" else [16, 16]
+    plain = predictor(net, mode, patch, overlap=0.25, tta_flips=False).probabilities(x)
+    tta = predictor(net, mode, patch, overlap=0.25, tta_flips=True).probabilities(x)
+    assert tta.shape == plain.shape == (1, 4, 16, 16, 8)
+    torch.testing.assert_close(tta.sum(dim=1), torch.ones(1, 16, 16, 8), atol=1e-5, rtol=0)
+    assert (tta >= 0).all() and not torch.allclose(tta, plain, atol=1e-4)
+    assert to_label(tta).shape == (1, 1, 16, 16, 8)
+
+
+class Threshold(nn.Module):
+    """Predicts class 1 where the (z-scored) image is above zero: a model whose answer we know."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-x, x], dim=1) * 20.0
+
+
+# Anisotropic voxels, x and y flipped (LPS-like storage), axes permuted, and an origin far from zero.
+AFFINES = {
+    "lps_flip": np.array([[-1.2, 0, 0, 40.0], [0, -0.8, 0, -25.0], [0, 0, 2.5, 12.5], [0, 0, 0, 1]]),
+    "permuted": np.array([[0, -0.8, 0, 10.0], [0, 0, 2.5, -7.0], [-1.2, 0, 0, 33.0], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AFFINES))
+@pytest.mark.parametrize(("mode", "spacing"), [("3d", None), ("2d", None), ("3d", [2.0, 2.0, 3.0])])
+def test_predictions_come_back_on_the_input_grid(tmp_path, nifti_writer, name, mode, spacing):
+    rng = np.random.default_rng(0)
+    image = (100 + 3 * rng.standard_normal((21, 30, 10))).astype(np.float32)
+    image[4:12, 5:20, 2:7] += 200  # an off-centre bright block: mirroring would move it
+    affine = AFFINES[name]
+    path = nifti_writer(tmp_path / "case.nii.gz", image, affine)
+    data = DataConfig(
+        card=Path("c.yaml"),
+        mode=mode,
+        patch_size=[16, 16, 8] if mode == "3d" else [16, 16],
+        spacing=spacing,
+        foreground_crop=spacing is None,
+    )
+    p = Predictor(Threshold(), data, InferenceConfig(overlap=0.25), CPU, amp=None, channels_last=False)
+    chain = inference_chain(CARD, data)
+    (pred,) = predict_cases(p, [{"id": "case", "image": str(path)}], chain, progress=False)
+    out = write_prediction(pred, tmp_path / "pred")
+    assert out == tmp_path / "pred" / "case.nii.gz"
+    back = nib.load(out)
+    assert back.shape == image.shape
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    assert back.get_data_dtype() == np.uint8
+    label = np.asarray(back.dataobj)
+    block = np.zeros(image.shape, bool)
+    block[4:12, 5:20, 2:7] = True
+    if spacing is None:
+        np.testing.assert_array_equal(label, block.astype(np.uint8))
+    else:  # resampled there and back (bilinear): the block up to its boundary, not mirrored or shifted
+        dice = 2 * (label.astype(bool) & block).sum() / (label.sum() + block.sum())
+        assert dice > 0.7
+        np.testing.assert_allclose(np.argwhere(label).mean(0), np.argwhere(block).mean(0), atol=1.0)
