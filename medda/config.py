@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -136,7 +136,7 @@ class TrackingConfig(Strict):
         None, description="Used when `uri` is an unreachable server; None refuses to start instead."
     )
     log_checkpoint: bool = Field(True, description="Log the selected checkpoint as a run artifact.")
-    system_metrics: bool = Field(False, description="MLflow system metrics (CPU/memory) while a run is active.")
+    system_metrics: bool = Field(True, description="MLflow system metrics (CPU/memory every 10 s) while a run is active.")
 
 
 class PriorConfig(Strict):
@@ -267,3 +267,29 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def reference_rows(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) of every setting, depth first: the README's configuration reference."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        nested = [a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested and nested[0] is not DatasetRef:
+            rows += reference_rows(nested[0], f"{prefix}{name}.")
+            continue
+        if field.is_required():
+            default = "required"
+        elif nested:  # an optional set of cases
+            default = "—"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = repr(str(value) if isinstance(value, Path) else value)
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown table (README 'Configuration'; a test keeps them in sync)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | {d} | {text.replace('|', chr(92) + '|')} |" for k, d, text in reference_rows()]
+    return "\n".join(lines)

@@ -107,7 +107,7 @@ class Tracker:
         # Inside an active run (a method sweep's parent), a run is its nested child (tag mlflow.parentRunId).
         nested = nested or self.mlflow.active_run() is not None
         with self.mlflow.start_run(
-            run_name=name, nested=nested, tags=base, log_system_metrics=self.cfg.system_metrics or None
+            run_name=name, nested=nested, tags=base, log_system_metrics=self.cfg.system_metrics
         ) as active:
             self.run_id = active.info.run_id
             yield self

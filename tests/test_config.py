@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medda.config import RunConfig, apply_overrides, flatten, load_config
+from medda.config import RunConfig, apply_overrides, flatten, load_config, reference_markdown
 from medda.errors import MeddaError
 
 RECIPE = """\
@@ -173,3 +173,9 @@ def test_amp_off_survives_yaml(tmp_path):
     assert load_config(recipe, ["train.amp=bf16"]).train.amp == "bf16"
     with pytest.raises(MeddaError, match=r"field 'train.amp'"):
         load_config(recipe, ["train.amp=on"])
+
+
+def test_readme_configuration_reference_lists_every_setting():
+    """README 'Configuration' is generated from the pydantic fields (medda.config.reference_markdown)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown() in readme, "README's configuration table is stale: paste reference_markdown()"
