@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE_CONFIG = REPO / "configs" / "acdc_source_2d.yaml"
 ADAPT_CONFIG = REPO / "configs" / "acdc_to_mscmr_adapt.yaml"
 
-# Hyperparameters come from docs/methods.md recommendations only (never chosen on MS-CMR test Dice); every
-# setting run is reported. name -> (method, options, optimiser, one-line rationale).
 def adam(lr: float, weight_decay: float = 0.0) -> dict:
     return {"name": "adam", "lr": lr, "weight_decay": weight_decay}
 
 
+# Hyperparameters come from docs/methods.md recommendations only (never chosen on MS-CMR test Dice); every
+# setting run is reported. name -> (method, options, optimiser, one-line rationale).
 ADAPT_SETTINGS: dict[str, tuple[str, dict, dict, str]] = {
     "none": ("none", {}, {}, "source model as is (one monitoring pass)"),
     "adabn": ("adabn", {"w_test": 1.0}, {}, "AdaBN: BN statistics re-estimated on the target (one pass)"),
