@@ -207,9 +207,16 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
         unlabeled = [c for c in data.cases(cfg.data.unlabeled, "unlabeled") if c["id"] not in labeled_ids]
         if not unlabeled:
             raise MeddaError("config: data.unlabeled has no cases left once the labelled ones are removed")
-        streams["unlabeled"], lengths["unlabeled"] = data.stream(
-            unlabeled, False, cfg.train.unlabeled_batch_size or cfg.train.batch_size, cfg.train.seed + 1
-        )
+        unlabeled_batch = cfg.train.unlabeled_batch_size or cfg.train.batch_size
+        if cls.paired_batches:  # one unlabelled volume per labelled one, also when few labelled cases exist
+            paired = min(cfg.train.batch_size, len(labeled))
+            if cfg.train.unlabeled_batch_size not in (None, paired):
+                raise MeddaError(
+                    f"config: field 'train.unlabeled_batch_size' must equal the labelled batch ({paired} volumes) "
+                    f"for method '{cls.name}', which pairs each labelled volume with an unlabelled one; leave it unset"
+                )
+            unlabeled_batch = paired
+        streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch, cfg.train.seed + 1)
     val_cases = data.cases(cfg.data.val, "val") if cfg.data.val else []
     test_ids = {c["id"] for c in data.cases(cfg.data.test, "test")} if cfg.data.test else set()
     if test_ids & {c["id"] for c in val_cases}:

@@ -358,3 +358,49 @@ def test_bcp_load_pretrain_best_and_errors():
     with pytest.raises(MeddaError, match="exceeds"):
         BCP(tiny_unet(2), BCPConfig(pretrain_iterations=20), ctx(2, (8, 8), total=10))
     assert BCP(tiny_unet(2), BCPConfig(), ctx(2, (8, 8), total=40)).pretrain_iterations == 10
+
+
+def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
+    """The engine hands BCP the best stage-1 weights at the switch; the selected model is a stage-2 one."""
+    import itertools
+
+    from medda.config import OptimConfig, TrainConfig
+    from medda.engine.loop import Validation, run_loop
+    from medda.models.factory import read_checkpoint, save_checkpoint
+
+    net = tiny_unet(2)
+    bcp = BCP(net, BCPConfig(pretrain_iterations=4), ctx(2, (8, 8), total=8))
+    b = batch((8, 8))
+    streams = {name: itertools.repeat(b[name]) for name in ("labeled", "unlabeled")}
+    scores = {2: 0.9, 4: 0.1, 6: 0.3, 8: 0.2}  # the stage-1 best (iteration 2) beats every stage-2 score
+    snapshots, switch = {}, {}
+
+    def save(tag, it):
+        return save_checkpoint(tmp_path / f"{tag}.pt", bcp.eval_model(), {"iteration": it})
+
+    def validate(model, it):
+        snapshots[it] = {k: v.clone() for k, v in model.state_dict().items()}
+        return Validation(scores[it])
+
+    start_phase = bcp.start_phase
+
+    def spy(phase, state):
+        start_phase(phase, state)
+        switch.update(
+            phase=phase,
+            student={k: v.clone() for k, v in net.state_dict().items()},
+            teacher={k: v.clone() for k, v in bcp.teacher.state_dict().items()},
+        )
+
+    bcp.start_phase = spy
+    train = TrainConfig(iterations=8, val_every=2, channels_last=False, amp="off")
+    result = run_loop(
+        bcp, streams, train, OptimConfig(name="sgd", lr=0.01), torch.device("cpu"), None, save, validate
+    )
+    assert switch["phase"] == 2
+    assert not torch.equal(snapshots[2]["model.0.conv.weight"], snapshots[4]["model.0.conv.weight"])
+    for k, v in snapshots[2].items():  # student and teacher restart from the stage-1 best, not the last
+        assert torch.equal(switch["student"][k], v) and torch.equal(switch["teacher"][k], v)
+    assert result.best_iteration == 6 and result.best_score == 0.3
+    assert read_checkpoint(result.best_path)["meta"]["iteration"] == 6
+    assert [h["iteration"] for h in result.history] == [2, 4, 6, 8]

@@ -165,6 +165,9 @@ def run_loop(
 
                 best_state = read_checkpoint(best_path)["state_dict"]
             method.start_phase(phase, best_state)
+            # Model selection restarts with the phase (BCP reference: self-training tracks its own best from 0),
+            # so the selected model is always one of the final phase, never a pre-training checkpoint.
+            best_score, best_iteration, best_path = -math.inf, -1, None
         batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
         if episodic and optimizer is not None:
             method.reset()

@@ -65,6 +65,7 @@ class Method(ABC):
         reads_target_labels: True only for methods that are not source-free w.r.t. target labels.
         requires_batchnorm: refuse models without BatchNorm layers.
         one_pass: the engine runs one epoch over the stream instead of `total_iterations`.
+        paired_batches: the "unlabeled" batch must have as many volumes as the "labeled" one.
     """
 
     name: ClassVar[str]
@@ -74,6 +75,8 @@ class Method(ABC):
     requires_batchnorm: ClassVar[bool] = False
     # Gradient-free statistic estimators (AdaBN) make exactly one pass over the data instead of a budget.
     one_pass: ClassVar[bool] = False
+    # Methods that mix each labelled image with one unlabelled image (BCP) need batches of equal size.
+    paired_batches: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, config: MethodConfig, context: MethodContext):
         if self.requires_batchnorm and not batchnorm_layers(model):

@@ -29,10 +29,11 @@ over all classes (background included) restricted to R, in one of two forms (`di
 `legacy_bg_mask=True` reproduces the ACDC bug fixed upstream in a925e30 (issue #25): the BACKGROUND class's
 Dice ignores R and uses the whole image; foreground classes and CE are restricted to R as usual.
 
-Stage switch. At the first stage-2 step the teacher is initialised from the current student (weights and
-buffers). The reference instead reloads the best stage-1 checkpoint (by validation Dice) into both student
-and teacher; an engine that tracks it calls `load_pretrain_best(state_dict)` before the first stage-2 step
-(and restores the optimiser state itself if it wants ACDC's behaviour).
+Stage switch. As in the reference, the best stage-1 checkpoint (by validation Dice) initialises both student
+and teacher: the engine (`medda.engine.loop`) calls `start_phase(2, best_state)` -> `load_pretrain_best` before
+the first stage-2 step (the optimiser state carries on, as on ACDC), then restarts model selection, so the
+selected checkpoint is always a stage-2 student. Without any stage-1 validation the teacher is initialised from
+the current student (weights and buffers) at the first stage-2 step.
 
 Defaults left at None resolve per dimensionality to the reference recipe: 2D = ACDC (ema_scope "state_dict",
 dice_variant "pooled_squared", pretrain_loss "mixed"), 3D = LA (ema_scope "params", dice_variant
@@ -252,6 +253,7 @@ def mixed_seg_loss(
 class BCP(Method):
     name: ClassVar[str] = "bcp"
     Config: ClassVar[type[MethodConfig]] = BCPConfig
+    paired_batches: ClassVar[bool] = True
     streams: ClassVar[tuple[str, ...]] = ("labeled", "unlabeled")
     reads_target_labels: ClassVar[bool] = True
 
