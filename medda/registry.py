@@ -35,3 +35,21 @@ def get_method(name: str) -> type[Method]:
         raise MeddaError(f"method '{name}' is unknown; expected one of: {', '.join(list_methods())}")
     module, cls = _METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def options_markdown() -> str:
+    """Every method's typed options as Markdown (README 'Method options'; a test keeps them in sync)."""
+    parts = []
+    for name in (*ADAPTATION_METHODS, *SSL_METHODS):
+        cls = get_method(name)
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        parts.append(f"**`{name}`**: {summary}")
+        fields = cls.Config.model_fields
+        if not fields:
+            parts.append("No options.")
+            continue
+        rows = ["| option | default | meaning |", "|---|---|---|"]
+        rows += [f"| `{k}` | `{f.get_default()!r}` | {(f.description or '').replace('|', chr(92) + '|')} |"
+                 for k, f in fields.items()]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)

@@ -69,11 +69,13 @@ class BCPConfig(MethodConfig):
     )
     beta: float = Field(2.0 / 3.0, gt=0.0, le=1.0, description="cuboid edge ratio per spatial axis")
     u_weight: float = Field(0.5, ge=0.0, description="alpha, the weight of pseudo-labelled regions")
-    ema_decay: float = Field(0.99, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.99, ge=0.0, le=1.0, description="teacher EMA decay (stage 2)")
     ema_scope: Literal["params", "state_dict"] | None = Field(
         None, description="None: 2D state_dict, 3D params"
     )
-    teacher_mode: Literal["train", "eval"] = "train"
+    teacher_mode: Literal["train", "eval"] = Field(
+        "train", description="mode of the teacher when pseudo-labelling (reference: train, i.e. batch statistics)"
+    )
     dice_variant: DiceVariant | None = Field(
         None, description="None: 2D pooled_squared, 3D per_sample_linear"
     )
@@ -251,6 +253,8 @@ def mixed_seg_loss(
 
 
 class BCP(Method):
+    """BCP: copy-paste pre-training on labelled images, then EMA-teacher self-training with bidirectional mixing."""
+
     name: ClassVar[str] = "bcp"
     Config: ClassVar[type[MethodConfig]] = BCPConfig
     paired_batches: ClassVar[bool] = True

@@ -40,11 +40,13 @@ class MeanTeacherConfig(MethodConfig):
         None, ge=0, description="T of the sigmoid ramp-up; None = the run's total_iterations (SSL4MIS)"
     )
     consistency_start_iteration: int = Field(0, ge=0, description="consistency is 0 before this iteration")
-    ema_decay: float = Field(0.99, ge=0.0, le=1.0)
-    ema_scope: Literal["params", "state_dict"] = "params"
+    ema_decay: float = Field(0.99, ge=0.0, le=1.0, description="teacher = decay * teacher + (1 - decay) * student")
+    ema_scope: Literal["params", "state_dict"] = Field(
+        "params", description="EMA over parameters only (SSL4MIS; teacher BN keeps its own statistics) or the whole state"
+    )
     ema_warmup: bool = Field(True, description="use min(1 - 1/(t+1), decay) as in SSL4MIS")
-    noise_std: float = Field(0.1, ge=0.0)
-    noise_clip: float = Field(0.2, ge=0.0)
+    noise_std: float = Field(0.1, ge=0.0, description="std of the Gaussian noise added to the teacher input")
+    noise_clip: float = Field(0.2, ge=0.0, description="the noise is clipped to +-noise_clip")
     teacher_mode: Literal["train", "eval"] = Field(
         "train", description="'train' as SSL4MIS (batch statistics); 'eval' pairs with ema_scope=state_dict"
     )
@@ -59,6 +61,8 @@ def sigmoid_rampup(t: float, length: float) -> float:
 
 
 class MeanTeacher(Method):
+    """Mean teacher: supervised (CE + Dice)/2 + ramped MSE consistency to an EMA teacher on noisy inputs."""
+
     name: ClassVar[str] = "mean_teacher"
     Config: ClassVar[type[MethodConfig]] = MeanTeacherConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled", "unlabeled")

@@ -29,6 +29,8 @@ class SupervisedConfig(MethodConfig):
 
 
 class Supervised(Method):
+    """Supervised (CE + Dice)/2 on labelled patches: source training and the supervised-only twin of SSL runs."""
+
     name: ClassVar[str] = "supervised"
     Config: ClassVar[type[MethodConfig]] = SupervisedConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled",)
