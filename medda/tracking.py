@@ -16,6 +16,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import platform
 import socket
@@ -30,6 +31,9 @@ from typing import Any
 import medda
 from medda.config import TrackingConfig, flatten
 from medda.errors import MeddaError
+
+# MLflow announces every start/stop of its system-metrics sampler at INFO; keep the console for medda's output.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 # Keys whose values must never reach tracking (credentials in URIs or options).
 _SECRET_MARKERS = ("password", "secret", "token", "credential", "api_key")
