@@ -207,3 +207,14 @@ def test_case_id_and_digest(tmp_path, nifti_writer):
     assert digest == datalist_digest([dict(c) for c in cases])
     nifti_writer(a, np.ones((5, 4, 2), np.float32))  # same name, other content size
     assert datalist_digest(cases) != digest
+
+
+def test_decathlon_task_folder_reads_its_dataset_json(tmp_path, nifti_writer):
+    """A Medical Segmentation Decathlon task folder (imagesTr + a dataset.json that lists the cases) is not nnU-Net."""
+    touch_images(nifti_writer, tmp_path / "imagesTr", ["la_003.nii.gz", "la_004.nii.gz"])
+    touch_images(nifti_writer, tmp_path / "labelsTr", ["la_003.nii.gz", "la_004.nii.gz"])
+    entries = [{"image": f"./imagesTr/la_00{i}.nii.gz", "label": f"./labelsTr/la_00{i}.nii.gz"} for i in (3, 4)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"name": "LeftAtrium", "training": entries, "test": []}))
+    cases = read_cases(DatasetRef(path=tmp_path), CARD)
+    assert ids(cases) == ["la_003", "la_004"]
+    assert all(c["label"].endswith(f"labelsTr/{c['id']}.nii.gz") for c in cases)

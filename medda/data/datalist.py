@@ -92,6 +92,19 @@ def _from_json(path: Path, split: str | None) -> tuple[list[dict], bool]:
     return cases, split in data
 
 
+def _is_decathlon_folder(root: Path) -> bool:
+    """A folder whose dataset.json lists its cases (`"training": [{"image": ...}]`, Decathlon) rather than
+    describing an nnU-Net raw dataset (`channel_names`, `file_ending`, cases found by file name)."""
+    meta = root / "dataset.json"
+    if not meta.is_file():
+        return False
+    try:
+        training = json.loads(meta.read_text()).get("training")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(training, list) and bool(training) and isinstance(training[0], (dict, str))
+
+
 def matches(cid: str, ids: set[str]) -> bool:
     """A case belongs to a split if its id equals an entry or starts with entry + '_' (patient -> frames)."""
     if cid in ids:
@@ -106,6 +119,8 @@ def read_cases(ref: DatasetRef, card: DataCard, card_path: Path | str = "card") 
     if not path.exists():
         raise MeddaError(f"{path}: dataset path does not exist")
     split_done = False
+    if path.is_dir() and _is_decathlon_folder(path):
+        path = path / "dataset.json"  # a Medical Segmentation Decathlon task: its dataset.json lists the cases
     if path.is_file() and path.suffix == ".json":
         cases, split_done = _from_json(path, ref.split)
         root = path.parent
