@@ -146,7 +146,8 @@ def predict_cases(
     """Predict every case and return label maps on their original grids."""
     from tqdm.auto import tqdm
 
-    for case in tqdm(cases, desc="predict", disable=not progress, leave=False):
+    quiet = {} if progress else {"disable": True}  # unset, `disable` follows TQDM_DISABLE and friends
+    for case in tqdm(cases, desc="predict", leave=False, **quiet):
         data = chain({"id": case["id"], "image": case["image"]})
         probs = predictor.probabilities(data["image"][None])
         original = invert_to_original(probs, data, chain)
