@@ -543,17 +543,19 @@ def _chosen(a: dict) -> str:
     return f"last (it {a['chosen_iteration']}); rule kept the source"
 
 
+def _section(title: str, source_name: str, best: dict, last: dict) -> list[str]:
+    """A table's title, header and the source model's best-on-val and last rows."""
+    return [title, "", HEAD, SEP, _row(source_name, "best on ACDC val", best["summary"]),
+            _row("source", "last", last["summary"])]
+
+
 def markdown_table(r: dict) -> str:
     se = r["source_eval"]
-    lines = [
+    lines = _section(
         "**MS-CMRSeg bSSFP, all 35 volumes** (Dice in %, HD95 in mm; adaptation used the same 35 volumes, "
         "without labels)",
-        "",
-        HEAD,
-        SEP,
-        _row("source (no adaptation)", "best on ACDC val", se["mscmr_best"]["summary"]),
-        _row("source", "last", se["mscmr_last"]["summary"]),
-    ]
+        "source (no adaptation)", se["mscmr_best"], se["mscmr_last"],
+    )
     for name, a in r.get("adapt", {}).items():
         lines.append(_row(name, _chosen(a), a["eval_chosen"]["summary"]))
         if a["last_iteration"] != a["chosen_iteration"]:
@@ -612,17 +614,11 @@ def markdown_table(r: dict) -> str:
             )
             + " |"
         )
-    s = r["source_eval"]
-    lines += [
-        "",
+    lines += [""] + _section(
         "**ACDC test, 40 volumes** (source domain; Dice in %, HD95 in voxels: the ACDC copy's spacing is "
         "unknown)",
-        "",
-        HEAD,
-        SEP,
-        _row("source", "best on ACDC val", s["acdc_test_best"]["summary"]),
-        _row("source", "last", s["acdc_test_last"]["summary"]),
-    ]
+        "source", se["acdc_test_best"], se["acdc_test_last"],
+    )
     return "\n".join(lines)
 
 

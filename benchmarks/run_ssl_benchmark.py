@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -23,21 +22,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "acdc_ssl_2d.yaml"
 RESULTS = REPO / "benchmarks" / "results"
-CLASSES = ("RV", "Myo", "LV")
-
-
-def jaccard_summary(rows: list[dict]) -> dict[str, float]:
-    """Mean Jaccard per class and over classes from per-case Dice rows (J = D / (2 - D) for each case)."""
-    per_class = {c: [r["dice"] / (2 - r["dice"]) for r in rows if r["class"] == c and not math.isnan(r["dice"])]
-                 for c in CLASSES}
-    out = {f"jaccard/{c}": sum(v) / len(v) for c, v in per_class.items() if v}
-    out["jaccard/mean"] = sum(out.values()) / len(out)
-    return out
 
 
 def run(args: argparse.Namespace) -> dict:
     from medda import api
     from medda.config import load_config
+    from medda.metrics import jaccard_summary
 
     split = f"labeled_{args.labeled}_patients"
     out = REPO / "benchmarks" / "out" / "ssl" / f"{args.method}_{args.labeled}"

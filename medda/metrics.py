@@ -288,6 +288,18 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def jaccard_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean Jaccard per class (``"jaccard/<class>"``) and over classes (``"jaccard/mean"``) from per-case Dice
+    rows: for one binary structure J = D / (2 - D) exactly; NaN Dice values are skipped."""
+    per_class: dict[str, list[float]] = {}
+    for r in rows:
+        if not math.isnan(r["dice"]):
+            per_class.setdefault(str(r["class"]), []).append(r["dice"] / (2 - r["dice"]))
+    out = {f"jaccard/{c}": sum(v) / len(v) for c, v in per_class.items()}
+    out["jaccard/mean"] = sum(out.values()) / len(out) if out else math.nan
+    return out
+
+
 def _summary_classes(summary: Mapping[str, Any]) -> list[str]:
     """Class names in a summary, in insertion order, recovered from the ``"dice/<class>"`` keys."""
     names = []

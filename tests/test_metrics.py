@@ -15,6 +15,7 @@ from medda.metrics import (
     evaluate_case,
     evaluate_cases,
     format_table,
+    jaccard_summary,
     summarise,
     write_table_csv,
 )
@@ -248,3 +249,12 @@ def test_write_table_csv(tmp_path):
     assert len(read) == 4
     assert float(read[0]["dice"]) == 0.8
     assert math.isnan(float(read[2]["hd95"]))
+
+
+def test_jaccard_summary_from_dice_rows():
+    rows = [{"case": "a", "class": "LV", "dice": 0.5}, {"case": "b", "class": "LV", "dice": 1.0},
+            {"case": "a", "class": "RV", "dice": float("nan")}, {"case": "b", "class": "RV", "dice": 0.0}]
+    out = jaccard_summary(rows)
+    assert out["jaccard/LV"] == pytest.approx((1 / 3 + 1.0) / 2)  # 0.5 / 1.5 and 1 / 1
+    assert out["jaccard/RV"] == 0.0  # the NaN case is skipped
+    assert out["jaccard/mean"] == pytest.approx(((1 / 3 + 1.0) / 2 + 0.0) / 2)
