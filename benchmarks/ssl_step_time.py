@@ -45,7 +45,7 @@ def main() -> None:
     pretrain = args.pretrain or recipe.method.options.get("pretrain_iterations", total // 4)
     hours = (pretrain * stage1 + (total - pretrain) * stage2) / 3600
     print(f"set-up {setup:.1f} s; stage-1 step {stage1:.2f} s; stage-2 step {stage2:.2f} s (1 thread)")
-    print(f"projected training time for {pretrain} + {total - pretrain} iterations: {hours:.1f} h (no validation)")
+    print(f"projected training time for {pretrain} + {total - pretrain} iterations: {hours:.1f} h = {hours * 60:.0f} min (no validation)")
 
 
 if __name__ == "__main__":
