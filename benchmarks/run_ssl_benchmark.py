@@ -8,7 +8,7 @@ best-on-val and the last checkpoint on the 40 test volumes (20 patients). Dice a
 Usage (repository root; data only through MEDDA_DATA_ROOT):
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/run_ssl_benchmark.py --method bcp --labeled 3 \
         --iterations 2400 --pretrain 600
-Writes benchmarks/results/acdc_ssl_<method>_<labeled>.json; `--table` prints the Markdown table of every result.
+Writes benchmarks/results/acdc_ssl_<method>_<labeled>_<iterations>.json; `--table` prints the Markdown table of every result.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ def run(args: argparse.Namespace) -> dict:
     from medda.metrics import jaccard_summary
 
     split = f"labeled_{args.labeled}_patients"
-    out = REPO / "benchmarks" / "out" / "ssl" / f"{args.method}_{args.labeled}"
+    name = f"{args.method}_{args.labeled}_{args.iterations}"
+    out = REPO / "benchmarks" / "out" / "ssl" / name
     overrides = [
         f"method.name={args.method}", f"data.train.split={split}", f"data.unlabeled.exclude_split={split}",
         f"train.iterations={args.iterations}", f"train.val_every={args.val_every}", f"output_dir={out}",
-        f"tracking.run_name=bench-ssl-{args.method}-{args.labeled}",
+        f"tracking.run_name=bench-ssl-{name}",
     ]
     if args.method == "bcp":
         overrides.append(f"method.options={{pretrain_iterations: {args.pretrain}}}")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> dict:
         "method": args.method, "labeled_patients": args.labeled, "iterations": args.iterations,
         "pretrain_iterations": args.pretrain if args.method == "bcp" else None,
         "train_wall_min": round(train_wall / 60, 1), "selected": str(trained.selection),
+        "best_iteration": trained.loop.best_iteration,
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "eval": {},
     }
@@ -59,23 +61,51 @@ def run(args: argparse.Namespace) -> dict:
         result["eval"][policy] = {**summary, **jaccard_summary(ev.rows), "units": ev.units}
     result["wall_min_total"] = round((time.perf_counter() - t0) / 60, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"acdc_ssl_{args.method}_{args.labeled}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"acdc_ssl_{name}.json").write_text(json.dumps(result, indent=2))
     return result
 
 
+def _checkpoint(r: dict, policy: str) -> str:
+    if policy == "last":
+        return "last"
+    best = r.get("best_iteration")
+    return f"best on val (it {best})" if best else "best on val"
+
+
+def _iterations(r: dict) -> str:
+    pre = r.get("pretrain_iterations")
+    return f"{r['iterations']} ({pre} + {r['iterations'] - pre})" if pre else str(r["iterations"])
+
+
+def _results() -> list[dict]:
+    order = {"supervised": 0, "mean_teacher": 1, "bcp": 2}
+    found = [json.loads(p.read_text()) for p in RESULTS.glob("acdc_ssl_*.json")]
+    return sorted(found, key=lambda r: (r["labeled_patients"], r["iterations"], order[r["method"]]))
+
+
 def table() -> str:
+    """Mean table (Dice per class) and, for the best-on-val checkpoints, Jaccard/HD95/ASSD per class."""
     head = ("| labelled | method | iterations | train wall (min) | checkpoint | Dice | RV | Myo | LV | Jaccard | "
             "HD95 (vox) | ASSD (vox) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for path in sorted(RESULTS.glob("acdc_ssl_*.json")):
-        r = json.loads(path.read_text())
+    classes = ("RV", "Myo", "LV")
+    per_class_head = ("| labelled | method | iterations | " + " | ".join(
+        f"{m} {c}" for m in ("Jaccard", "HD95", "ASSD") for c in classes) + " |")
+    per_class = [per_class_head, "|" + "---|" * (per_class_head.count("|") - 1)]
+    for r in _results():
         for policy, e in r["eval"].items():
             lines.append(
-                f"| {r['labeled_patients']} | {r['method']} | {r['iterations']} | {r['train_wall_min']} | {policy} | "
-                f"{100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | {100 * e['dice/Myo']:.1f} | "
-                f"{100 * e['dice/LV']:.1f} | {100 * e['jaccard/mean']:.1f} | {e['hd95/mean']:.1f} | {e['assd/mean']:.1f} |"
+                f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r['train_wall_min']} | "
+                f"{_checkpoint(r, policy)} | {100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | "
+                f"{100 * e['dice/Myo']:.1f} | {100 * e['dice/LV']:.1f} | {100 * e['jaccard/mean']:.1f} | "
+                f"{e['hd95/mean']:.1f} | {e['assd/mean']:.1f} |"
             )
-    return "\n".join(lines)
+        e = r["eval"]["best_on_val"]
+        cells = [f"{100 * e[f'jaccard/{c}']:.1f}" for c in classes]
+        cells += [f"{e[f'{m}/{c}']:.1f}" for m in ("hd95", "assd") for c in classes]
+        per_class.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nBest-on-val checkpoints, per class (Jaccard %, HD95 and ASSD in voxels):\n\n" + \
+        "\n".join(per_class)
 
 
 def main() -> None:
