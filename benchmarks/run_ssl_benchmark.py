@@ -60,12 +60,13 @@ def run(args: argparse.Namespace) -> dict:
     from medda.config import load_config
 
     split = f"labeled_{args.labeled}_patients"
-    name = f"{args.method}_{args.labeled}_{args.iterations}"
+    name = f"{args.method}_{args.labeled}_{args.iterations}" + (f"_seed{args.seed}" if args.seed else "")
     out = REPO / "benchmarks" / "out" / "ssl" / name
     overrides = [
         f"method.name={args.method}", f"data.train.split={split}", f"data.unlabeled.exclude_split={split}",
         f"train.iterations={args.iterations}", f"train.val_every={args.val_every}", f"output_dir={out}",
         f"tracking.run_name=bench-ssl-{name}",
+        f"train.seed={args.seed}",
     ]
     if args.method == "bcp":
         overrides.append(f"method.options={{pretrain_iterations: {args.pretrain}}}")
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         "pretrain_iterations": args.pretrain if args.method == "bcp" else None,
         "train_wall_min": round(train_wall / 60, 1), "selected": str(trained.selection),
         "best_iteration": trained.loop.best_iteration,
+        "seed": args.seed,
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "eval": {},
     }
@@ -106,10 +108,14 @@ def _iterations(r: dict) -> str:
     return f"{r['iterations']} ({pre} + {r['iterations'] - pre})" if pre else str(r["iterations"])
 
 
+def _method(r: dict) -> str:
+    return r["method"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+
+
 def _results() -> list[dict]:
     order = {"supervised": 0, "mean_teacher": 1, "bcp": 2}
     found = [json.loads(p.read_text()) for p in RESULTS.glob("acdc_ssl_*.json")]
-    return sorted(found, key=lambda r: (r["labeled_patients"], r["iterations"], order[r["method"]]))
+    return sorted(found, key=lambda r: (r["labeled_patients"], r["iterations"], r.get("seed", 0), order[r["method"]]))
 
 
 def table() -> str:
@@ -124,7 +130,7 @@ def table() -> str:
     for r in _results():
         for policy, e in r["eval"].items():
             lines.append(
-                f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r['train_wall_min']} | "
+                f"| {r['labeled_patients']} | {_method(r)} | {_iterations(r)} | {r['train_wall_min']} | "
                 f"{_checkpoint(r, policy)} | {100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | "
                 f"{100 * e['dice/Myo']:.1f} | {100 * e['dice/LV']:.1f} | {100 * e['jaccard/mean']:.1f} | "
                 f"{e['hd95/mean']:.1f} | {e['assd/mean']:.1f} |"
@@ -132,7 +138,7 @@ def table() -> str:
         e = r["eval"]["best_on_val"]
         cells = [f"{100 * e[f'jaccard/{c}']:.1f}" for c in classes]
         cells += [f"{e[f'{m}/{c}']:.1f}" for m in ("hd95", "assd") for c in classes]
-        per_class.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | " + " | ".join(cells) + " |")
+        per_class.append(f"| {r['labeled_patients']} | {_method(r)} | {_iterations(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nBest-on-val checkpoints, per class (Jaccard %, HD95 and ASSD in voxels):\n\n" + \
         "\n".join(per_class)
 
@@ -144,6 +150,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--pretrain", type=int, default=500, help="BCP stage-1 iterations (within --iterations)")
     parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the labelled patients stay fixed)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the saved results")
     parser.add_argument("--largest-component", action="store_true",
                         help="re-evaluate the saved best-on-val checkpoints with largest-component post-processing")
