@@ -95,11 +95,16 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _best_is_last(r: dict) -> bool:
+    return r.get("best_iteration") == r["iterations"]
+
+
 def _checkpoint(r: dict, policy: str) -> str:
     if policy == "last":
         return "last"
     best = r.get("best_iteration")
     label = f"best on val (it {best})" if best else "best on val"
+    label = "best on val = last" if _best_is_last(r) else label
     return label + " + largest component" if policy == "best_on_val_lcc" else label
 
 
@@ -129,6 +134,8 @@ def table() -> str:
     per_class = [per_class_head, "|" + "---|" * (per_class_head.count("|") - 1)]
     for r in _results():
         for policy, e in r["eval"].items():
+            if policy == "last" and _best_is_last(r):
+                continue  # the same checkpoint as best-on-val
             lines.append(
                 f"| {r['labeled_patients']} | {_method(r)} | {_iterations(r)} | {r['train_wall_min']} | "
                 f"{_checkpoint(r, policy)} | {100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | "
