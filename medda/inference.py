@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer, SlidingWindowInferer
-from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
+from monai.transforms import Compose, Invertd
 from torch import nn
 
+from medda import components
 from medda.config import DataConfig, InferenceConfig
 
 
@@ -115,11 +116,13 @@ class Predictor:
 
 
 def to_label(probs: torch.Tensor, largest_component: bool = False) -> torch.Tensor:
-    """(1, K, *S) probabilities -> (1, 1, *S) label map, optionally largest component per class."""
+    """(1, K, *S) probabilities -> (1, 1, *S) label map, optionally the largest component per class.
+
+    Components are taken over the whole image (3D for a volume, also when it was predicted slice by slice).
+    """
     label = probs.argmax(dim=1, keepdim=True)
     if largest_component:
-        classes = list(range(1, probs.shape[1]))
-        label = KeepLargestConnectedComponent(applied_labels=classes, independent=True)(label[0])[None]
+        label = components.largest_component(label, spatial_dims=probs.ndim - 2)
     return label
 
 

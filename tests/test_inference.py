@@ -89,6 +89,22 @@ def test_flip_tta_shape_and_normalisation(mode):
     assert to_label(tta).shape == (1, 1, 16, 16, 8)
 
 
+def test_to_label_largest_component_removes_3d_islands_per_class():
+    """Post-processing keeps each class's largest 3D component; islands of any class go to background."""
+    label = torch.zeros(1, 12, 12, 6, dtype=torch.long)
+    label[0, 1:5, 1:5, 1:5] = 1  # class 1: a 4x4x4 block ...
+    label[0, 9, 9, 2] = 1  # ... and a one-voxel island
+    label[0, 6:8, 1:3, 0:6] = 2  # class 2 spans every slice: one component in 3D
+    label[0, 10:12, 0:2, 5] = 2  # class-2 island
+    probs = torch.nn.functional.one_hot(label, 3).permute(0, 4, 1, 2, 3).float()
+    kept = to_label(probs, largest_component=True)[0, 0]
+    expected = label[0].clone()
+    expected[9, 9, 2] = 0
+    expected[10:12, 0:2, 5] = 0
+    assert torch.equal(kept, expected)
+    assert torch.equal(to_label(probs)[0, 0], label[0])  # off by default
+
+
 class Threshold(nn.Module):
     """Predicts class 1 where the (z-scored) image is above zero: a model whose answer we know."""
 

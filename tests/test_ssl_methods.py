@@ -10,6 +10,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
 
+from medda.components import largest_component
 from medda.engine.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import MethodContext
@@ -18,7 +19,6 @@ from medda.methods.bcp import (
     BCPConfig,
     copy_paste,
     cuboid_mask,
-    largest_component,
     masked_ce,
     masked_dice,
     mixed_seg_loss,

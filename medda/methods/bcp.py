@@ -47,12 +47,11 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from scipy import ndimage
 
+from medda.components import largest_component
 from medda.engine.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import Method, MethodConfig, StepResult
@@ -123,37 +122,6 @@ def copy_paste(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     if a.shape != b.shape:
         raise ValueError(f"copy_paste needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     return torch.where(mask.to(a.device) > 0.5, a, b.to(a.dtype))
-
-
-def largest_component(
-    labels: torch.Tensor, spatial_dims: int, connectivity: int | None = None
-) -> torch.Tensor:
-    """Keep, per sample and per foreground class, only the largest connected component; the rest becomes 0.
-
-    Args:
-        labels: integer label map (B, *S) or (B, 1, *S) with len(S) == spatial_dims. In 2D each sample is
-            a slice (per-slice components); in 3D components are 3D.
-        connectivity: 1..spatial_dims as in skimage/scipy (1 = faces only); None = spatial_dims (full).
-    Absent classes stay absent; ties between equally large components keep the first in scan order.
-    """
-    conn = spatial_dims if connectivity is None else connectivity
-    if not 1 <= conn <= spatial_dims:
-        raise ValueError(f"connectivity must lie in [1, {spatial_dims}], got {connectivity}")
-    structure = ndimage.generate_binary_structure(spatial_dims, conn)
-    arr = labels.detach().cpu().numpy()
-    flat = arr.reshape((-1,) + arr.shape[-spatial_dims:])
-    out = np.zeros_like(flat)
-    for i, sample in enumerate(flat):
-        for cls in np.unique(sample):
-            if cls == 0:
-                continue
-            comp, n = ndimage.label(sample == cls, structure=structure)
-            if n == 0:
-                continue
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            out[i][comp == int(sizes.argmax())] = cls
-    return torch.from_numpy(out.reshape(arr.shape)).to(labels.device)
 
 
 def _target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
