@@ -7,7 +7,7 @@ best-on-val and the last checkpoint on the 40 test volumes (20 patients). Dice a
 
 Usage (repository root; data only through MEDDA_DATA_ROOT):
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/run_ssl_benchmark.py --method bcp --labeled 3 \
-        --iterations 2400 --pretrain 600
+        --iterations 4000 --pretrain 1000
 Writes benchmarks/results/acdc_ssl_<method>_<labeled>_<iterations>.json; `--largest-component` adds a
 post-processed evaluation of each best-on-val checkpoint; `--table` prints the Markdown tables of every result.
 """
@@ -154,8 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=("supervised", "mean_teacher", "bcp"))
     parser.add_argument("--labeled", type=int, choices=(3, 7), default=3)
-    parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--pretrain", type=int, default=500, help="BCP stage-1 iterations (within --iterations)")
+    parser.add_argument("--iterations", type=int, default=4000)
+    parser.add_argument("--pretrain", type=int, default=1000, help="BCP stage-1 iterations (within --iterations)")
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="training seed (the labelled patients stay fixed)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the saved results")
