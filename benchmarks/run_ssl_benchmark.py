@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "acdc_ssl_2d.yaml"
 RESULTS = REPO / "benchmarks" / "results"
+OUT = REPO / "benchmarks" / "out" / "ssl"  # a run `<name>` trains into OUT/<name> and writes RESULTS/acdc_ssl_<name>.json
 
 
 def _evaluate(checkpoint: Path, cfg, out: Path) -> dict:
@@ -47,7 +48,7 @@ def largest_component_eval() -> None:
         r = json.loads(path.read_text())
         if "best_on_val_lcc" in r["eval"]:
             continue
-        out = REPO / "benchmarks" / "out" / "ssl" / path.stem.removeprefix("acdc_ssl_")
+        out = OUT / path.stem.removeprefix("acdc_ssl_")
         cfg = load_config(CONFIG, [f"output_dir={out}", "inference.largest_component=true",
                                    f"tracking.run_name=bench-ssl-{out.name}-lcc"])
         r["eval"]["best_on_val_lcc"] = _evaluate(out / "best.pt", cfg, out / "eval_best_on_val_lcc")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
 
     split = f"labeled_{args.labeled}_patients"
     name = f"{args.method}_{args.labeled}_{args.iterations}" + (f"_seed{args.seed}" if args.seed else "")
-    out = REPO / "benchmarks" / "out" / "ssl" / name
+    out = OUT / name
     overrides = [
         f"method.name={args.method}", f"data.train.split={split}", f"data.unlabeled.exclude_split={split}",
         f"train.iterations={args.iterations}", f"train.val_every={args.val_every}", f"output_dir={out}",
