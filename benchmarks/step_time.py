@@ -18,8 +18,8 @@ import torch
 from monai.inferers import SlidingWindowInferer
 
 from medda.config import ModelConfig
-from medda.inference import autocast, cpu_has_bf16, memory_format
 from medda.models.factory import build_model
+from medda.runtime import autocast, cpu_has_bf16, memory_format
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 # name -> (model config, spatial dims, training batch shape, inference volume, roi)

@@ -6,82 +6,38 @@ The CLI (`pipelines/`) parses a config and calls these; tests call them directly
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
-from monai.utils import set_determinism
 from torch import nn
 
 import medda
 from medda import evidence, lineage, metrics
-from medda.config import DataConfig, DatasetRef, InferenceConfig, RunConfig
+from medda.config import DataConfig, DatasetRef, ModelConfig, OptimConfig, RunConfig, validate
 from medda.data.cards import DataCard, load_card
 from medda.data.datalist import datalist_digest, read_cases
+from medda.data.loading import Data
+from medda.data.priors import Prior, measure_class_prior
 from medda.data.transforms import (
     inference_chain,
-    labeled_train_chain,
     load_label,
-    unlabeled_train_chain,
 )
-from medda.engine.loop import LoopResult, Validation, run_loop
+from medda.engine.loop import LoopResult, run_loop
 from medda.errors import MeddaError
-from medda.inference import Predictor, autocast_dtype, predict_cases, resolve_device, write_prediction
-from medda.methods.base import Method, MethodContext, batchnorm_layers
+from medda.inference import Predictor, predict_cases, write_prediction
+from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
-from medda.monitoring import MonitorConfig, MonitorState, collapse_reason, score, snapshot_bn, summarise
-from medda.registry import get_method
+from medda.registry import ADAPTATION_METHODS, get_method
+from medda.runtime import Runtime
+from medda.selection import LabelFreeValidator, dice_validator, recommend, snapshot_bn
 from medda.tracking import Tracker, make_tracker
 
 PREPROCESSING_FIELDS = ("mode", "slice_axis", "patch_size", "spacing", "foreground_crop")
 
 
 # --------------------------------------------------------------------------------------------- data
-@dataclass
-class Data:
-    card: DataCard
-    card_path: str
-    config: DataConfig
-
-    @classmethod
-    def load(cls, config: DataConfig) -> Data:
-        return cls(load_card(config.card), str(config.card), config)
-
-    def cases(self, ref: DatasetRef | None, role: str) -> list[dict]:
-        if ref is None:
-            raise MeddaError(f"config: field 'data.{role}' is required for this command")
-        return read_cases(ref, self.card, self.card_path)
-
-    def dataset(self, cases: list[dict], chain) -> Dataset:
-        if self.config.cache:
-            return CacheDataset(cases, chain, cache_rate=1.0, num_workers=0, progress=False)
-        return Dataset(cases, chain)
-
-    def stream(self, cases: list[dict], labeled: bool, batch_size: int, seed: int) -> tuple[Iterator[dict], int]:
-        """An endless iterator of training batches and the number of batches in one pass."""
-        if labeled:
-            chain = labeled_train_chain(self.card, self.config, self.card_path)
-        else:
-            cases = [{"id": c["id"], "image": c["image"]} for c in cases]  # the label path never enters
-            chain = unlabeled_train_chain(self.card, self.config, self.card_path)
-        dataset = self.dataset(cases, chain)
-        generator = torch.Generator().manual_seed(seed)
-        batch_size = min(batch_size, len(dataset))
-        loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
-            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
-        )
-
-        def endless() -> Iterator[dict]:
-            while True:
-                yield from loader
-
-        return endless(), len(loader)
-
-
 def spacing_for_metrics(card: DataCard, affine: np.ndarray) -> tuple[float, ...] | None:
     """Voxel size in mm for distance metrics, or None (voxels) when the card says spacing is unknown.
 
@@ -96,41 +52,28 @@ def spacing_for_metrics(card: DataCard, affine: np.ndarray) -> tuple[float, ...]
     return tuple(float(s) for s in from_file)
 
 
-# --------------------------------------------------------------------------------------------- runtime
-@dataclass
-class Runtime:
-    device: torch.device
-    amp: torch.dtype | None
-
-    @classmethod
-    def setup(cls, cfg: RunConfig) -> Runtime:
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        set_determinism(cfg.train.seed)
-        device = resolve_device(cfg.train.device)
-        return cls(device, autocast_dtype(cfg.train.amp, device))
-
-    def predictor(self, model: nn.Module, data: DataConfig, inference: InferenceConfig, channels_last: bool) -> Predictor:
-        return Predictor(model.to(self.device), data, inference, self.device, self.amp, channels_last)
-
-
-def _method_context(cfg: RunConfig, num_classes: int, prior: list[float] | None, total: int) -> MethodContext:
+def _method_context(cfg: RunConfig, num_classes: int, prior: Prior, total: int) -> MethodContext:
     return MethodContext(
         num_classes=num_classes,
         spatial_dims=2 if cfg.data.mode == "2d" else 3,
         patch_size=tuple(cfg.data.patch_size),
         total_iterations=total,
-        class_ratio_prior=torch.tensor(prior, dtype=torch.float32) if prior else None,
+        class_ratio_prior=torch.tensor(prior.conditional, dtype=torch.float32) if prior.conditional else None,
+        class_presence=torch.tensor(prior.presence, dtype=torch.float32) if prior.presence else None,
         seed=cfg.train.seed,
     )
 
 
 def _build_method(cfg: RunConfig, model: nn.Module, context: MethodContext) -> Method:
     cls = get_method(cfg.method.name)
-    from medda.config import validate
-
     options = validate(cls.Config, cfg.method.options, f"config field 'method.options' ({cls.name})")
     return cls(model, options, context)
+
+
+def _method_optim(cfg: RunConfig) -> OptimConfig:
+    """The run's optimiser: every field the config sets, the method's reference recipe for the others."""
+    given = cfg.optim.model_dump(include=cfg.optim.model_fields_set)
+    return OptimConfig.model_validate({**get_method(cfg.method.name).default_optim, **given})
 
 
 def _checkpoint_meta(cfg: RunConfig, data: Data, num_classes: int, method: str, extra: dict | None = None) -> dict:
@@ -142,7 +85,7 @@ def _checkpoint_meta(cfg: RunConfig, data: Data, num_classes: int, method: str, 
         "class_names": card.class_names,
         "data": {k: getattr(cfg.data, k) for k in PREPROCESSING_FIELDS},
         "card": {"name": card.name, "site": card.site, "digest": card.digest(), "spacing": card.spacing},
-        "class_ratio_prior": {"2d": card.prior("2d"), "3d": card.prior("3d")},
+        "class_ratio_prior": {"2d": card.prior("2d"), "3d": card.prior("3d")},  # the card's, for reference
         "method": method,
         "config_digest": cfg.digest(),
         "medda_version": medda.__version__,
@@ -159,29 +102,6 @@ def _log_inputs(tracker: Tracker, data: Data, roles: dict[str, list[dict]]) -> N
         )
 
 
-# --------------------------------------------------------------------------------------------- validation
-def dice_validator(runtime: Runtime, cfg: RunConfig, data: Data, val_cases: list[dict]):
-    """Mean foreground Dice on preprocessed validation volumes (the checkpoint rule 'val_dice')."""
-    dataset = data.dataset(val_cases, inference_chain(data.card, cfg.data, True, data.card_path))
-    class_ids = list(range(1, data.card.num_classes))
-
-    def validate(model: nn.Module, iteration: int) -> Validation:
-        model.eval()
-        predictor = runtime.predictor(model, cfg.data, cfg.inference, cfg.train.channels_last)
-        scores = []
-        for item in dataset:
-            probs = predictor.probabilities(item["image"][None])
-            pred = probs.argmax(1)[0].numpy()
-            scores.append(metrics.dice_scores(pred, item["label"][0].numpy().round().astype(np.int16), class_ids))
-        per_class = np.nanmean(np.array(scores), axis=0)
-        logs = {f"val/dice/{data.card.class_names[c]}": float(d) for c, d in zip(class_ids, per_class, strict=True)}
-        mean = float(np.nanmean(per_class))
-        logs["val/dice/mean"] = mean
-        return Validation(mean, logs)
-
-    return validate
-
-
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainResult:
@@ -192,12 +112,92 @@ class TrainResult:
     selection: str
 
 
+def _refuse_overlap(cases: list[dict], test_cases: list[dict], field: str) -> None:
+    """Refuse evaluation cases that a run also trains or selects on (the same case id or the same image file).
+
+    Args:
+        cases: the cases of `data.<field>` (labelled training or validation cases).
+        test_cases: the cases of `data.test` (may be empty).
+        field: the config field of `cases`, e.g. "train" or "val" (named in the message).
+
+    Raises:
+        MeddaError: one line naming both fields and the first shared cases.
+    """
+
+    def keys(case: dict) -> set[str]:
+        return {case["id"], str(Path(case["image"]).resolve())}
+
+    test_keys = set().union(*(keys(c) for c in test_cases))
+    shared = [c["id"] for c in cases if keys(c) & test_keys]
+    if shared:
+        raise MeddaError(
+            f"config: data.{field} and data.test share {len(shared)} case(s) ({', '.join(shared[:3])}); "
+            "test cases must never be trained or selected on, so choose disjoint splits"
+        )
+
+
+def few_label_selection(select_by: str, has_val: bool) -> str:
+    """The checkpoint rule of a run that trains on labels (README "Model selection with few labels").
+
+    With validation cases the rule is `train.select_by` (best validation Dice, or the last checkpoint). Without
+    them it is the last checkpoint of the fixed budget (`train.iterations`, the LR schedule ending there): a few
+    labelled target cases are too few to both train and select on, `data.test` is never used for selection, and
+    the label-free rule is for runs without labels.
+
+    Raises:
+        MeddaError: `select_by` is the label-free rule.
+    """
+    if select_by == "label_free":
+        raise MeddaError("config: field 'train.select_by' is label_free, which is for source-free adaptation; "
+                         "a run that trains on labels selects by val_dice (with data.val) or last")
+    return select_by if has_val else "last"
+
+
+def _refuse_class_mismatch(card_path: Path, card: DataCard, meta: dict) -> None:
+    """The target card must map to the classes the source model predicts."""
+    if card.num_classes != meta["num_classes"]:
+        raise MeddaError(
+            f"{card_path}: field 'labels' maps to {card.num_classes} classes but the source model predicts "
+            f"{meta['num_classes']} ({', '.join(meta['class_names'])})"
+        )
+
+
+def _from_source(cfg: RunConfig) -> tuple[RunConfig, nn.Module, dict]:
+    """Start from `cfg.source_checkpoint`: its network and weights, its model config and preprocessing geometry.
+
+    The target card keeps its own intensities and label map (as in `adapt`); returns (updated cfg, model, meta).
+    """
+    model, meta = load_model(cfg.source_checkpoint)
+    cfg = cfg.model_copy(deep=True, update={
+        "data": cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS}),
+        "model": ModelConfig.model_validate(meta["model"]),  # already validated by load_model
+    })
+    return cfg, model, meta
+
+
 def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None) -> TrainResult:
-    """Train a segmenter with `cfg.method` (supervised source training, mean teacher, BCP)."""
+    """Train a segmenter with `cfg.method` (supervised, mean teacher, BCP), from scratch or from a source model.
+
+    With `cfg.source_checkpoint` (semi-supervised domain adaptation, few-shot fine-tuning) the network, its weights
+    and its preprocessing geometry come from the checkpoint and the label map and intensities from `data.card`, as in
+    `adapt`; an EMA teacher (mean teacher, BCP) is a copy of the model, so it starts from the source weights too.
+    The checkpoint is selected by `few_label_selection`, never on `data.test`.
+    """
+    source_meta: dict | None = None
+    if cfg.source_checkpoint is not None:
+        cfg, model, source_meta = _from_source(cfg)
     runtime = Runtime.setup(cfg)
     data = Data.load(cfg.data)
+    num_classes = data.card.num_classes
+    if source_meta is not None:
+        _refuse_class_mismatch(cfg.data.card, data.card, source_meta)
     cls = get_method(cfg.method.name)
     labeled = data.cases(cfg.data.train, "train")
+    val_cases = data.cases(cfg.data.val, "val") if cfg.data.val else []
+    test_cases = data.cases(cfg.data.test, "test") if cfg.data.test else []
+    _refuse_overlap(labeled, test_cases, "train")
+    _refuse_overlap(val_cases, test_cases, "val")
+    selection = few_label_selection(cfg.train.select_by, bool(val_cases))
     streams, lengths = {}, {}
     if "labeled" in cls.streams:
         streams["labeled"], lengths["labeled"] = data.stream(labeled, True, cfg.train.batch_size, cfg.train.seed)
@@ -217,45 +217,58 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
                 )
             unlabeled_batch = paired
         streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch, cfg.train.seed + 1)
-    val_cases = data.cases(cfg.data.val, "val") if cfg.data.val else []
-    test_ids = {c["id"] for c in data.cases(cfg.data.test, "test")} if cfg.data.test else set()
-    if test_ids & {c["id"] for c in val_cases}:
-        raise MeddaError("config: data.val overlaps data.test; model selection on test data is not allowed")
-    num_classes = data.card.num_classes
-    model = build_model(cfg.model, 2 if cfg.data.mode == "2d" else 3, num_classes)
-    context = _method_context(cfg, num_classes, data.card.prior(cfg.data.mode), cfg.train.iterations)
+    if source_meta is None:  # built after the data streams, as always, so seeded initialisations are unchanged
+        model = build_model(cfg.model, 2 if cfg.data.mode == "2d" else 3, num_classes)
+    # The class prior of the labelled data in the training geometry travels with the checkpoint (adaptation).
+    class_prior = measure_class_prior(data.card, cfg.data, labeled, data.card_path)
+    prior = Prior.from_record(class_prior, data.card.class_names, "train")
+    context = _method_context(cfg, num_classes, prior, cfg.train.iterations)
     method = _build_method(cfg, model, context)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     tracker = tracker or make_tracker(cfg.tracking)
-    selection = cfg.train.select_by if val_cases else "last"
-    if selection == "label_free":
-        raise MeddaError("config: train.select_by=label_free is for adaptation; use val_dice or last")
 
-    with tracker.run(cfg.tracking.run_name or f"train-{cfg.method.name}", tags={
+    run_tags = {
         "medda.command": "train", "method": cfg.method.name, "card.digest": data.card.digest(),
-        "card.name": data.card.name, "checkpoint.policy": selection, **(tags or {}),
-    }):
+        "card.name": data.card.name, "checkpoint.policy": selection,
+    }
+    if source_meta is not None:
+        source_run = source_meta.get("run_id") or ""
+        run_tags.update({
+            "source.checkpoint": str(cfg.source_checkpoint), "source.card.digest": source_meta["card"]["digest"],
+            "source.run_id": source_run, "parent.run_id": source_run, "source_free": "false",
+        })
+    with tracker.run(cfg.tracking.run_name or f"train-{cfg.method.name}", tags={**run_tags, **(tags or {})}):
         tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        roles = {lineage.labeled_context(cls.streams): labeled, **({"val": val_cases} if val_cases else {})}
+        # Labelled target cases of a fine-tune from a source model are "target-labeled", as in `adapt`.
+        fine_tune = source_meta is not None and "unlabeled" not in cls.streams
+        labeled_role = lineage.TARGET_LABELED if fine_tune else lineage.labeled_context(cls.streams)
+        roles = {labeled_role: labeled, **({"val": val_cases} if val_cases else {})}
         if "unlabeled" in streams:
             roles["train-unlabeled"] = unlabeled
         _log_inputs(tracker, data, roles)
 
         def save(tag: str, iteration: int) -> Path:
-            meta = _checkpoint_meta(cfg, data, num_classes, cfg.method.name,
-                                    {"iteration": iteration, "tag": tag, "run_id": tracker.run_id})
+            extra = {"iteration": iteration, "tag": tag, "run_id": tracker.run_id, "class_prior": class_prior}
+            if source_meta is not None:
+                extra.update({"source_run_id": source_meta.get("run_id"), "source_card": source_meta["card"],
+                              "adapted_to": data.card.name})
+            meta = _checkpoint_meta(cfg, data, num_classes, cfg.method.name, extra)
             return save_checkpoint(out / f"{tag}.pt", method.eval_model(), meta)
 
-        validate = dice_validator(runtime, cfg, data, val_cases) if val_cases and selection == "val_dice" else None
-        loop = run_loop(method, streams, cfg.train, cfg.optim, runtime.device, runtime.amp, save, validate,
+        validate = None
+        if selection == "val_dice":
+            validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
+                                      data, val_cases)
+        loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()))
         chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})
         tracker.set_tags({"checkpoint.selected": chosen.name})
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(chosen, "checkpoints")
-            lineage.register(tracker, chosen, data.card, cfg, "train")
+            source_run_id = (source_meta.get("run_id") or "") if source_meta is not None else None
+            lineage.register(tracker, chosen, data.card, cfg, "train", source_run_id=source_run_id)
         return TrainResult(chosen, loop.last_path, loop, tracker.run_id, selection)
 
 
@@ -274,55 +287,37 @@ class AdaptResult:
     prior_source: str = ""
 
 
-def _prior(cfg: RunConfig, meta: dict, data: Data, target_cases: list[dict]) -> tuple[list[float] | None, str]:
-    """The class-ratio prior and where it came from (card | constant | oracle)."""
-    spec = cfg.method.prior
-    k = meta["num_classes"]
+def _prior(cfg: RunConfig, meta: dict, data: Data, target_cases: list[dict]) -> Prior:
+    """The class prior of an adaptation run: measured with the source model's training labels in its training
+    geometry (stored in the checkpoint), the card's (older checkpoints), a constant, or the oracle."""
+    spec, names, k = cfg.method.prior, meta["class_names"], meta["num_classes"]
     if spec.source == "constant":
-        if not spec.values or len(spec.values) != k:
-            raise MeddaError(f"config: field 'method.prior.values' needs {k} class ratios for prior.source=constant")
-        total = sum(spec.values)
-        return [v / total for v in spec.values], "constant"
+        if not spec.values or len(spec.values) != k or sum(spec.values) <= 0:
+            raise MeddaError(f"config: field 'method.prior.values' needs {k} non-negative class ratios with a "
+                             "positive sum for prior.source=constant")
+        return Prior([v / sum(spec.values) for v in spec.values], None, "constant")
     if spec.source == "oracle":
         labeled = [c for c in target_cases if "label" in c]
         if not labeled:
             raise MeddaError("config: prior.source=oracle needs labelled target cases (upper-bound experiments only)")
-        return measure_class_ratios(data, labeled, cfg.data.mode)[0], "oracle"
-    prior = meta["class_ratio_prior"][cfg.data.mode]
-    return prior, "card" if prior else "none"
+        return Prior.from_record(measure_class_prior(data.card, cfg.data, labeled, data.card_path), names, "oracle")
+    if meta.get("class_prior"):
+        return Prior.from_record(meta["class_prior"], names, "train")
+    stats = meta["class_ratio_prior"][cfg.data.mode]
+    return Prior(stats, None, "card") if stats else Prior(None, None, "none")
 
 
-def measure_class_ratios(data: Data, cases: list[dict], mode: str) -> tuple[list[float], dict]:
-    """Per-class ratios measured through the card's preprocessing: (prior for `mode`, full stats dict)."""
-    chain = inference_chain(data.card, data.config, True, data.card_path)
-    k = data.card.num_classes
-    volume, slices, presence, n_slices = np.zeros(k), np.zeros(k), np.zeros(k), 0
-    for case in cases:
-        label = chain(case)["label"][0].numpy().round().astype(np.int64)
-        counts = np.bincount(label.ravel(), minlength=k)[:k]
-        volume += counts / counts.sum()
-        moved = np.moveaxis(label, data.config.slice_axis, 0)
-        for sl in moved:
-            c = np.bincount(sl.ravel(), minlength=k)[:k]
-            slices += c / c.sum()
-            presence += c > 0
-            n_slices += 1
-    names = data.card.class_names
-    # Per-slice ratio of a class over the slices that contain it (a mean over all slices would just equal the
-    # volume ratio); with presence tags this is the prior of a slice where the structure is visible.
-    conditional = slices / np.maximum(presence, 1)
-    stats = {
-        "cases": len(cases),
-        "volume": {n: round(float(v), 6) for n, v in zip(names, volume / len(cases), strict=True)},
-        "slice": {n: round(float(v), 6) for n, v in zip(names, conditional, strict=True)},
-        "slice_presence": {n: round(float(v), 4) for n, v in zip(names, presence / n_slices, strict=True)},
-    }
-    table = stats["slice"] if mode == "2d" else stats["volume"]
-    return [table[n] for n in names], stats
+def _adaptation_method(name: str) -> type[Method]:
+    if name not in ADAPTATION_METHODS:
+        raise MeddaError(f"config: field 'method.name' is '{name}', which is not an adaptation method; `medda adapt` "
+                         f"expects one of: {', '.join(ADAPTATION_METHODS)} (train semi-supervised methods with "
+                         "`medda train-ssl`)")
+    return get_method(name)
 
 
 def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None) -> AdaptResult:
     """Adapt a source checkpoint to unlabelled target cases; choose and recommend a model without labels."""
+    cls = _adaptation_method(cfg.method.name)
     if cfg.source_checkpoint is None:
         raise MeddaError("config: field 'source_checkpoint' is required for adaptation")
     model, meta = load_model(cfg.source_checkpoint)
@@ -332,133 +327,115 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     })
     runtime = Runtime.setup(cfg)
     data = Data.load(cfg.data)
-    if data.card.num_classes != meta["num_classes"]:
-        raise MeddaError(
-            f"{cfg.data.card}: field 'labels' maps to {data.card.num_classes} classes but the source model predicts "
-            f"{meta['num_classes']} ({', '.join(meta['class_names'])})"
-        )
-    cls = get_method(cfg.method.name)
+    _refuse_class_mismatch(cfg.data.card, data.card, meta)
     target = data.cases(cfg.data.target, "target")
     labeled_target = data.cases(cfg.data.train, "train") if cls.reads_target_labels else []
-    prior, prior_source = _prior(cfg, meta, data, target)
-    context = _method_context(cfg, meta["num_classes"], prior, cfg.train.iterations)
-    method = _build_method(cfg, model, context)
-    source_bn = snapshot_bn(model)
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    if labeled_target:  # a few-shot fine-tune is never evaluated on the cases it trains on
+        _refuse_overlap(labeled_target, data.cases(cfg.data.test, "test") if cfg.data.test else [], "train")
+    prior = _prior(cfg, meta, data, target)
+    method = _build_method(cfg, model, _method_context(cfg, meta["num_classes"], prior, cfg.train.iterations))
     tracker = tracker or make_tracker(cfg.tracking)
-    monitor_cfg = MonitorConfig()
-    monitor_cases = target[: monitor_cfg.cases]
-    monitor_set = data.dataset(
-        [{"id": c["id"], "image": c["image"]} for c in monitor_cases],
-        inference_chain(data.card, cfg.data, False, data.card_path),
-    )
-    prior_t = torch.tensor(prior) if prior else None
-    state = MonitorState()
-    flip_axis = 2 + (1 if cfg.data.slice_axis != 1 else 0)  # an in-plane axis of (1, C, X, Y, Z)
+    marginal = torch.tensor(prior.marginal) if prior.marginal else None
+    no_flips = cfg.inference.model_copy(update={"tta_flips": False})
+    label_free = LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
+                                    data, target, marginal, snapshot_bn(model), cfg.selection)
+    streams, length = _adaptation_streams(cls, data, cfg, target, labeled_target)
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    with tracker.run(cfg.tracking.run_name or f"adapt-{cfg.method.name}", tags={
+        **_adapt_tags(cfg, cls, data, meta, prior.source), **(tags or {})}):
+        tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
+        _log_inputs(tracker, data, {"target-adapt": target, **({"target-labeled": labeled_target} if labeled_target
+                                                                  else {})})
+        save = _adapted_checkpoint_writer(cfg, data, meta, method, tracker, prior.source)
+        loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, label_free,
+                        tracker.log_metrics, one_pass_length=length, score_initial=True)
+        choice = recommend(label_free.state.history, loop, cfg.selection, marginal is not None,
+                           supervised_cases=len(labeled_target))
+        recommended_path = choice.adapted if choice.recommended else Path(cfg.source_checkpoint)
+        tracker.set_tags({"recommended": str(choice.recommended).lower(), "recommendation.reason": choice.reason,
+                          "collapse": loop.stopped_early or "none"})
+        tracker.log_json(label_free.state.history, "monitoring/label_free.json")
+        evidence.log_adaptation_evidence(tracker, label_free.state.history, cfg.output_dir / "evidence",
+                                         loop.best_iteration, loop.stopped_early, cfg.selection.margin,
+                                         data.card.class_names)
+        if cfg.tracking.log_checkpoint:
+            tracker.log_artifact(choice.adapted, "checkpoints")
+            lineage.register(tracker, choice.adapted, data.card, cfg, "adapt", candidate=choice.recommended,
+                             source_run_id=meta.get("run_id") or "",
+                             extra={"recommended": str(choice.recommended).lower(), "prior.source": prior.source})
+        return AdaptResult(recommended_path, choice.adapted, choice.recommended, choice.reason, loop.stopped_early,
+                           choice.source_stats, choice.chosen_stats, label_free.state.history, tracker.run_id,
+                           prior.source)
 
-    def label_free(model_: nn.Module, iteration: int) -> Validation:
-        model_.eval()
-        predictor = runtime.predictor(model_, cfg.data, cfg.inference.model_copy(update={"tta_flips": False}),
-                                      cfg.train.channels_last)
-        probs, flipped = [], []
-        for item in monitor_set:
-            image = item["image"][None]
-            probs.append(predictor.probabilities(image))
-            flipped.append(torch.flip(predictor.probabilities(torch.flip(image, dims=[flip_axis])), dims=[flip_axis]))
-        stats = summarise(probs, flipped, prior_t)
-        if batchnorm_layers(model_):
-            from medda.monitoring import bn_drift
 
-            stats["bn_drift"] = bn_drift(model_, source_bn)
-        if state.initial is None:
-            state.initial = stats
-        reason = collapse_reason(stats, state, prior_t, monitor_cfg)
-        value = score(stats, monitor_cfg)
-        state.history.append({"iteration": iteration, **stats, "score": value})
-        return Validation(value, {f"monitor/{k}": v for k, v in stats.items()}, stop=bool(reason), reason=reason)
-
-    streams, length = {}, 1
-    if "unlabeled" in cls.streams:
-        streams["unlabeled"], length = data.stream(target, False, cfg.train.batch_size, cfg.train.seed)
+def _adaptation_streams(cls: type[Method], data: Data, cfg: RunConfig, target: list[dict],
+                        labeled_target: list[dict]) -> tuple[dict, int]:
+    """The method's batch streams and the length of one pass: a complete, ordered pass for one-pass estimators."""
+    batch = cfg.train.batch_size
     if "labeled" in cls.streams:
-        streams["labeled"], length = data.stream(labeled_target, True, cfg.train.batch_size, cfg.train.seed)
+        stream, length = data.stream(labeled_target, True, batch, cfg.train.seed)
+        return {"labeled": stream}, length
+    if cls.one_pass:
+        stream, length = data.full_pass(target, batch * cfg.data.samples_per_volume)
+        return {"unlabeled": stream}, length
+    stream, length = data.stream(target, False, batch, cfg.train.seed)
+    return {"unlabeled": stream}, length
 
-    run_tags = {
+
+def _adapt_tags(cfg: RunConfig, cls: type[Method], data: Data, meta: dict, prior_source: str) -> dict:
+    tags = {
         "medda.command": "adapt", "method": cfg.method.name, "card.digest": data.card.digest(),
         "card.name": data.card.name, "source.card.digest": meta["card"]["digest"],
         "source.checkpoint": str(cfg.source_checkpoint), "parent.run_id": meta.get("run_id") or "",
         "source_free": str(not cls.reads_target_labels).lower(), "prior.source": prior_source,
-        "checkpoint.policy": "label_free", **(tags or {}),
+        "checkpoint.policy": "last" if cls.reads_target_labels else "label_free",
     }
     if prior_source == "oracle":
-        run_tags["warning.oracle_prior"] = "prior measured from target labels: an upper bound, not source-free"
-    with tracker.run(cfg.tracking.run_name or f"adapt-{cfg.method.name}", tags=run_tags):
-        tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        roles = {"target-adapt": target}
-        if labeled_target:
-            roles["target-labeled"] = labeled_target
-        _log_inputs(tracker, data, roles)
+        tags["warning.oracle_prior"] = "prior measured from target labels: an upper bound, not source-free"
+    return tags
 
-        def save(tag: str, iteration: int) -> Path:
-            extra = {"iteration": iteration, "tag": tag, "run_id": tracker.run_id, "source_run_id": meta.get("run_id"),
-                     "source_card": meta["card"], "adapted_to": data.card.name,
-                     "class_ratio_prior": meta["class_ratio_prior"]}
-            m = _checkpoint_meta(cfg, data, meta["num_classes"], cfg.method.name, extra)
-            m["model"], m["class_names"] = meta["model"], meta["class_names"]
-            return save_checkpoint(out / f"{tag}.pt", method.eval_model(), m)
 
-        train_cfg = cfg.train.model_copy(update={"select_by": "label_free"})
-        loop = run_loop(method, streams, train_cfg, cfg.optim, runtime.device, runtime.amp, save, label_free,
-                        tracker.log_metrics, one_pass_length=length)
-        source_stats = state.history[0]
-        chosen = max(state.history[1:], key=lambda h: h["score"], default=None)
-        adapted_path = loop.best_path if loop.best_iteration > 0 else loop.last_path
-        collapse = loop.stopped_early
-        if chosen is None or loop.best_iteration <= 0:
-            recommended = False
-            reason = "no adapted checkpoint scored above the source model on the label-free rule"
-            if collapse:
-                reason = f"adaptation collapsed ({collapse}); " + reason
-        else:
-            gain = chosen["score"] - source_stats["score"]
-            recommended = gain > monitor_cfg.margin
-            reason = (
-                f"label-free score {chosen['score']:.4f} vs source {source_stats['score']:.4f} "
-                f"(flip consistency {chosen['flip_consistency']:.3f} vs {source_stats['flip_consistency']:.3f}"
-                + (f", prior KL {chosen['prior_kl']:.3f} vs {source_stats['prior_kl']:.3f}" if prior_t is not None else "")
-                + f"); gain {gain:+.4f} {'>' if recommended else '<='} margin {monitor_cfg.margin}"
-            )
-            if collapse:
-                reason += f"; stopped early: {collapse} (kept the last safe checkpoint)"
-        recommended_path = adapted_path if recommended else Path(cfg.source_checkpoint)
-        tracker.set_tags({"recommended": str(recommended).lower(), "recommendation.reason": reason,
-                          "collapse": collapse or "none"})
-        tracker.log_json(state.history, "monitoring/label_free.json")
-        evidence.log_adaptation_evidence(tracker, state.history, out / "evidence", loop.best_iteration, collapse,
-                                         monitor_cfg.margin, data.card.class_names)
-        if cfg.tracking.log_checkpoint:
-            tracker.log_artifact(adapted_path, "checkpoints")
-            lineage.register(tracker, adapted_path, data.card, cfg, "adapt", candidate=recommended,
-                             source_run_id=meta.get("run_id") or "",
-                             extra={"recommended": str(recommended).lower(), "prior.source": prior_source})
-        return AdaptResult(recommended_path, adapted_path, recommended, reason, collapse, source_stats,
-                           chosen or source_stats, state.history, tracker.run_id, prior_source)
+def _adapted_checkpoint_writer(cfg: RunConfig, data: Data, meta: dict, method: Method, tracker: Tracker,
+                               prior_source: str):
+    """save(tag, iteration) for adapted checkpoints: the source model's config, names and priors carried over."""
+
+    def save(tag: str, iteration: int) -> Path:
+        extra = {"iteration": iteration, "tag": tag, "run_id": tracker.run_id, "source_run_id": meta.get("run_id"),
+                 "source_card": meta["card"], "adapted_to": data.card.name, "prior.source": prior_source,
+                 "class_ratio_prior": meta["class_ratio_prior"], "class_prior": meta.get("class_prior")}
+        m = _checkpoint_meta(cfg, data, meta["num_classes"], cfg.method.name, extra)
+        m["model"], m["class_names"] = meta["model"], meta["class_names"]
+        return save_checkpoint(cfg.output_dir / f"{tag}.pt", method.eval_model(), m)
+
+    return save
 
 
 # --------------------------------------------------------------------------------------------- predict / evaluate
-def _predictor_for(checkpoint: Path, cfg: RunConfig, runtime: Runtime) -> tuple[Predictor, DataConfig, dict]:
+def _predictor_for(
+    checkpoint: Path, cfg: RunConfig, runtime: Runtime
+) -> tuple[Predictor, DataConfig, dict, DataCard]:
+    """The checkpoint's predictor, its preprocessing and the card of the data; refused before any inference
+    when the model cannot produce the card's classes or read its images (as `adapt` checks)."""
     model, meta = load_model(checkpoint)
+    card = load_card(cfg.data.card)
+    if card.num_classes != meta["num_classes"]:
+        raise MeddaError(
+            f"{cfg.data.card}: field 'labels' maps to {card.num_classes} classes but checkpoint {checkpoint} "
+            f"predicts {meta['num_classes']} ({', '.join(meta['class_names'])})"
+        )
+    in_channels = meta["model"].get("in_channels", 1)
+    if in_channels != 1:  # CheckCase refuses anything but single-channel volumes
+        raise MeddaError(f"{checkpoint}: field 'meta.model.in_channels' is {in_channels}; expected 1 (medda reads "
+                         "single-channel images)")
     model.eval()
     data_cfg = cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS})
-    return runtime.predictor(model, data_cfg, cfg.inference, cfg.train.channels_last), data_cfg, meta
+    return Predictor.on(runtime, model, data_cfg, cfg.inference, cfg.train.channels_last), data_cfg, meta, card
 
 
 def predict(checkpoint: Path, cfg: RunConfig, ref: DatasetRef, out_dir: Path) -> list[Path]:
     """Predict every case of `ref` and write NIfTI label maps (canonical ids) on the original grids."""
     runtime = Runtime.setup(cfg)
-    predictor, data_cfg, _ = _predictor_for(checkpoint, cfg, runtime)
-    card = load_card(cfg.data.card)
+    predictor, data_cfg, _, card = _predictor_for(checkpoint, cfg, runtime)
     cases = read_cases(ref, card, str(cfg.data.card))
     chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
     return [write_prediction(p, out_dir) for p in predict_cases(predictor, cases, chain)]
@@ -479,14 +456,15 @@ def evaluate(
 ) -> EvaluationResult:
     """Predict the labelled cases of `data.test` and compute Dice, HD95, ASSD, NSD per case and class."""
     runtime = Runtime.setup(cfg)
-    predictor, data_cfg, meta = _predictor_for(checkpoint, cfg, runtime)
-    card = load_card(cfg.data.card)
+    predictor, data_cfg, meta, card = _predictor_for(checkpoint, cfg, runtime)
     cases = read_cases(cfg.data.test, card, str(cfg.data.card)) if cfg.data.test else None
     if not cases:
         raise MeddaError("config: field 'data.test' is required for evaluation")
     missing = [c["id"] for c in cases if "label" not in c]
     if missing:
         raise MeddaError(f"{cfg.data.test.path}: case '{missing[0]}' has no label file; evaluation needs labels")
+    for case in cases:  # every label readable and in the card's map before any inference (read again below)
+        load_label(case["label"], card)
     chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
     class_ids = list(range(1, card.num_classes))
     rows: list[dict] = []

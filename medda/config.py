@@ -105,7 +105,12 @@ class TrainConfig(Strict):
     channels_last: bool = Field(True, description="channels_last(_3d) memory layout (faster convolutions on CPU).")
     seed: int = Field(0, description="Seed of data sampling, augmentation, initialisation and method draws.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch default).")
+    threads: int | None = Field(
+        None, ge=1, description="torch intra-op CPU threads; None: one per CPU this process may use (affinity, cgroup quota)."
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep every validated checkpoint as it<N>.pt (audit the label-free choice against labels)."
+    )
     select_by: Literal["val_dice", "last", "label_free"] = Field(
         "val_dice", description="Checkpoint policy: best validation Dice, the last one, or the label-free rule (adaptation)."
     )
@@ -139,6 +144,16 @@ class TrackingConfig(Strict):
     system_metrics: bool = Field(True, description="MLflow system metrics (CPU/memory every 10 s) while a run is active.")
 
 
+class SelectionConfig(Strict):
+    """Settings of the label-free checkpoint choice and recommendation (run config section `selection`)."""
+
+    cases: int = Field(6, ge=1, description="Target volumes scored at every check (a fixed, label-free subset).")
+    kl_weight: float = Field(0.1, ge=0, description="Weight of the prior KL in the label-free score.")
+    margin: float = Field(0.005, ge=0, description="Score gain over the source model needed to recommend adapting.")
+    vanish_fraction: float = Field(0.1, gt=0, lt=1, description="A class below this fraction of its reference ratio vanished.")
+    min_entropy: float = Field(1e-3, ge=0, description="Entropy below this with rising KL counts as collapse.")
+
+
 class PriorConfig(Strict):
     source: Literal["card", "constant", "oracle"] = Field(
         "card",
@@ -164,6 +179,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     source_checkpoint: Path | None = Field(None, description="Source model for adaptation (its preprocessing is reused).")
     output_dir: Path = Field(Path("outputs/run"), description="Checkpoints, predictions and tables go here.")
 

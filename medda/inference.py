@@ -7,7 +7,6 @@ Used for validation during training, label-free monitoring during adaptation, `m
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,43 +21,7 @@ from torch import nn
 
 from medda import components
 from medda.config import DataConfig, InferenceConfig
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.amp` on `device` (None = float32)."""
-    if setting == "off":
-        return None
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def memory_format(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+from medda.runtime import Runtime, autocast, memory_format
 
 
 @dataclass
@@ -91,6 +54,12 @@ class Predictor:
         else:
             self.inferer = SlidingWindowInferer(**common)
         self.spatial_dims = 2 if self.data.mode == "2d" else 3
+
+    @classmethod
+    def on(cls, runtime: Runtime, model: nn.Module, data: DataConfig, config: InferenceConfig,
+           channels_last: bool = True) -> Predictor:
+        """A predictor computing on `runtime`'s device with its autocast dtype (moves `model` there)."""
+        return cls(model.to(runtime.device), data, config, runtime.device, runtime.amp, channels_last)
 
     def _network(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)

@@ -19,10 +19,12 @@ _METHODS: dict[str, str] = {
     "tent": "medda.methods.tent:Tent",
     "entropy_prior": "medda.methods.entropy_prior:EntropyPrior",
     "osuda": "medda.methods.osuda:OSUDA",
+    "dpl": "medda.methods.dpl:DPL",
+    "shot_im": "medda.methods.shot_im:ShotIM",
     "finetune_fewshot": "medda.methods.finetune_fewshot:FinetuneFewshot",
 }
 
-ADAPTATION_METHODS = ("none", "adabn", "tent", "entropy_prior", "osuda", "finetune_fewshot")
+ADAPTATION_METHODS = ("none", "adabn", "tent", "entropy_prior", "osuda", "dpl", "shot_im", "finetune_fewshot")
 SSL_METHODS = ("supervised", "mean_teacher", "bcp")
 
 

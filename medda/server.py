@@ -1,7 +1,9 @@
 """A shared MLflow tracking server for a team: `medda server` (the `mlflow server` command, with safe defaults).
 
-Defaults: bound to 127.0.0.1 (loopback: nothing outside this machine can reach it; `--host 0.0.0.0` only
-behind a firewall or an authenticating proxy: the server has no authentication), SQLite backend store
+Defaults: bound to 127.0.0.1 (loopback: nothing outside this machine can reach it). Another interface
+(`--host 0.0.0.0`) is refused unless the host names clients use are listed (`--allowed-hosts`, MLflow's
+DNS-rebinding check), MLflow's basic-auth app is on (`--basic-auth`), or the user insists (`--insecure-expose`,
+e.g. behind an authenticating reverse proxy): MLflow's server itself has no authentication. SQLite backend store
 (`sqlite:///mlflow.db`; PostgreSQL for teams: `postgresql+psycopg2://user@host:5432/db`, password from PGPASSWORD
 or ~/.pgpass, never on the command line), artifacts served by the server from `./mlartifacts`, one worker,
 and MLflow's background job execution off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: medda needs none).
@@ -15,6 +17,7 @@ This module starts the server as a subprocess (`python -m mlflow server`); it ne
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ipaddress
 import os
 import signal
@@ -46,16 +49,43 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(s.getsockname()[1])
 
 
+def check_server_options(host: str, allowed_hosts: str = "", basic_auth: bool = False, insecure: bool = False) -> None:
+    """Refuse to bind a non-loopback interface without a host allow-list, basic auth or an explicit insistence,
+    and basic auth without the package MLflow's auth app needs."""
+    if basic_auth and importlib.util.find_spec("flask_wtf") is None:
+        raise MeddaError("--basic-auth: MLflow's basic-auth app needs Flask-WTF; install it with "
+                         "pip install 'mlflow[auth]'")
+    if is_loopback(host) or allowed_hosts.strip() or basic_auth or insecure:
+        return
+    raise MeddaError(
+        f"--host {host}: refusing to expose an MLflow server without authentication; give --allowed-hosts "
+        "(the host names clients use, e.g. mlflow.lab.org:5000), --basic-auth, or --insecure-expose "
+        "(behind a firewall or an authenticating reverse proxy)"
+    )
+
+
 def server_command(
     port: int = 5000, host: str = LOOPBACK, backend_store_uri: str = "sqlite:///mlflow.db",
-    artifacts_destination: str | Path = "mlartifacts", workers: int = 1,
+    artifacts_destination: str | Path = "mlartifacts", workers: int = 1, allowed_hosts: str = "",
+    basic_auth: bool = False,
 ) -> list[str]:
-    """The `mlflow server` command line (artifacts proxied by the server, so clients need no storage access)."""
-    return [
+    """The `mlflow server` command line (artifacts proxied by the server, so clients need no storage access).
+
+    Args:
+        allowed_hosts: comma-separated Host headers MLflow accepts (its DNS-rebinding check; default there:
+            localhost and private IPs), e.g. "mlflow.lab.org,mlflow.lab.org:5000".
+        basic_auth: run MLflow's basic-auth app (users and permissions in its own database).
+    """
+    command = [
         sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
         "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(artifacts_destination),
         "--workers", str(workers),
     ]
+    if allowed_hosts.strip():
+        command += ["--allowed-hosts", allowed_hosts.strip()]
+    if basic_auth:
+        command += ["--app-name", "basic-auth"]
+    return command
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -83,13 +113,14 @@ class ServerProcess:
 def start_server(
     port: int | None = None, host: str = LOOPBACK, backend_store_uri: str = "sqlite:///mlflow.db",
     artifacts_destination: str | Path = "mlartifacts", workers: int = 1, log: Path | None = None,
-    timeout: float = 120.0, cwd: Path | None = None,
+    timeout: float = 120.0, cwd: Path | None = None, allowed_hosts: str = "", insecure: bool = False,
 ) -> ServerProcess:
     """Start `mlflow server` in its own process group and wait until /health answers (or fail with its log)."""
+    check_server_options(host, allowed_hosts, insecure=insecure)
     port = port or free_port(host if is_loopback(host) else LOOPBACK)
     log = log or Path(cwd or ".") / f"mlflow-server-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = server_command(port, host, backend_store_uri, artifacts_destination, workers)
+    command = server_command(port, host, backend_store_uri, artifacts_destination, workers, allowed_hosts)
     with open(log, "wb") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=server_env(), cwd=cwd,
                                    start_new_session=True)  # own process group: stopped as a whole, by PID

@@ -78,8 +78,69 @@ def server_reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
+# Tracking URI schemes MLflow can store runs in (SQLAlchemy dialects may carry a driver: postgresql+psycopg2).
+_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri[len("sqlite:///"):])
+
+
+def check_uri(uri: str, field: str = "tracking.uri") -> None:
+    """Refuse, in one line, a tracking URI MLflow would fail on deep inside: an unknown scheme, a text file given
+    as the store, or an SQLite file that is not a database or whose folder does not exist."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    expected = "expected sqlite:///FILE.db, http(s)://HOST:PORT, postgresql://USER@HOST/DB or a folder"
+    if scheme and scheme not in _SCHEMES:
+        raise MeddaError(f"field '{field}': unsupported scheme '{scheme}://' in {_redact({'u': uri})['u']}; {expected}")
+    if scheme == "sqlite":
+        path = _sqlite_path(uri)
+        if path.is_dir():
+            raise MeddaError(f"{path}: field '{field}' names a folder; {expected}")
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as handle:
+                if handle.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                    raise MeddaError(f"{path}: field '{field}' names a file that is not an SQLite database; {expected}")
+        elif not path.parent.is_dir():
+            raise MeddaError(f"{path.parent}: field '{field}' names a database in a folder that does not exist")
+    elif scheme in ("", "file"):
+        path = Path(uri[len("file://"):] if scheme else uri)
+        if path.is_file():
+            raise MeddaError(f"{path}: field '{field}' names a file, not a tracking store; {expected}")
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a local SQLite store across processes.
+
+    MLflow creates and migrates the tables of a new store on first connection, without a lock: two runs that
+    start together on a new file crash one of them ('table ... already exists', alembic version mismatch).
+    The lock is an flock on the store's folder (nothing is written); where flock is unavailable, no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+
+        fd = os.open(_sqlite_path(uri).resolve().parent, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def resolve_uri(cfg: TrackingConfig) -> str:
     """The tracking URI to use: the configured one, or the fallback if the server is down (else refuse)."""
+    check_uri(cfg.uri)
+    if cfg.fallback_uri:
+        check_uri(cfg.fallback_uri, "tracking.fallback_uri")
     if server_reachable(cfg.uri):
         return cfg.uri
     if cfg.fallback_uri:
@@ -100,7 +161,8 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = resolve_uri(cfg)
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(cfg.experiment)
+        with _first_use_lock(self.uri):  # creates the store's tables and the experiment on first use
+            mlflow.set_experiment(cfg.experiment)
         self.run_id: str | None = None
 
     @contextlib.contextmanager
@@ -344,6 +406,7 @@ class TrackingStore:
     def __init__(self, uri: str):
         from mlflow import MlflowClient
 
+        check_uri(uri, "--tracking-uri")
         if uri.startswith(("http://", "https://")) and not server_reachable(uri):
             raise MeddaError(f"tracking server {_redact({'u': uri})['u']} is unreachable (start it: `medda server`)")
         if uri.startswith("sqlite:///"):

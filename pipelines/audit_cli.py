@@ -9,33 +9,17 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipelines.guard import run_guarded
+
 TrackingUri = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."),
 ]
-
-
-def _guard(action: Callable[[], int | None]) -> None:
-    from pipelines.cli import _user_error
-
-    try:
-        code = action()
-    except (KeyboardInterrupt, SystemExit, typer.Exit):
-        raise
-    except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
-        message = _user_error(err)
-        if message is None:
-            raise
-        typer.echo(f"medda: error: {message}", err=True)
-        raise typer.Exit(2) from None
-    if code:
-        raise typer.Exit(code)
 
 
 def _store(uri: str | None):
@@ -65,7 +49,7 @@ def audit(
         typer.echo(f"report: {html_path} (self-contained)\nmarkdown: {md_path}")
         return 3 if strict and report.warnings else 0
 
-    _guard(run)
+    run_guarded(run)
 
 
 def compare(
@@ -103,7 +87,7 @@ def compare(
         if csv and rows:
             typer.echo(f"csv: {write_table_csv(rows, csv)}")
 
-    _guard(run)
+    run_guarded(run)
 
 
 def promote(
@@ -122,7 +106,7 @@ def promote(
         typer.echo(f"{record['name']}@{record['alias']} -> version {record['version']}{moved}; "
                    f"recorded by {record['by']} at {record['at']}: {record['reason']}")
 
-    _guard(run)
+    run_guarded(run)
 
 
 def server(
@@ -131,30 +115,26 @@ def server(
     backend_store_uri: Annotated[str, typer.Option(help="sqlite:///mlflow.db, or postgresql+psycopg2://user@host:5432/db for teams (password: PGPASSWORD).")] = "sqlite:///mlflow.db",
     artifacts_destination: Annotated[str, typer.Option(help="Where the server stores artifacts.")] = "mlartifacts",
     workers: Annotated[int, typer.Option(help="Server worker processes.")] = 1,
+    allowed_hosts: Annotated[str, typer.Option(help="Comma-separated host names clients use (MLflow's DNS-rebinding check), e.g. mlflow.lab.org,mlflow.lab.org:5000.")] = "",
+    basic_auth: Annotated[bool, typer.Option(help="MLflow's basic-auth app: users and passwords (needs pip install 'mlflow[auth]').")] = False,
+    insecure_expose: Annotated[bool, typer.Option(help="Allow a non-loopback --host without --allowed-hosts or --basic-auth (behind an authenticating proxy).")] = False,
     print_command: Annotated[bool, typer.Option(help="Only print the command that would run.")] = False,
 ) -> None:
     """Run a shared MLflow tracking server (foreground; Ctrl-C stops it). Runs use tracking.uri=http://HOST:PORT."""
-    from medda.server import is_loopback, printable, server_command, server_env
+    from medda.server import check_server_options, is_loopback, printable, server_command, server_env
 
-    command = server_command(port, host, backend_store_uri, artifacts_destination, workers)
+    run_guarded(lambda: check_server_options(host, allowed_hosts, basic_auth, insecure_expose))
+    command = server_command(port, host, backend_store_uri, artifacts_destination, workers, allowed_hosts, basic_auth)
     if print_command:
         typer.echo("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false " + printable(command))
         return
-    if not is_loopback(host):
-        typer.echo(f"WARNING: binding to {host}: the MLflow server has no authentication; anyone who can reach "
-                   f"this port can read and change runs and models", err=True)
+    if not is_loopback(host) and not basic_auth:
+        typer.echo(f"WARNING: binding to {host} without --basic-auth: anyone who can reach this port can read and "
+                   f"change runs and models", err=True)
     typer.echo(f"MLflow server on http://{host}:{port} (store {printable([backend_store_uri])}); "
                f"runs: tracking.uri=http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}")
     sys.stdout.flush()
     os.execvpe(command[0], command, server_env())
-
-
-def adapt_sweep(cfg, methods: str, evaluate: bool, echo: Callable[[str], None] = typer.echo) -> None:
-    """`medda adapt CONFIG --methods a,b,c [--evaluate]`: the sweep behind the adapt command's options."""
-    from medda.sweep import adapt_sweep as sweep
-    from medda.sweep import format_sweep, parse_methods
-
-    echo(format_sweep(sweep(cfg, parse_methods(methods), evaluate, echo)))
 
 
 def register(app: typer.Typer) -> None:

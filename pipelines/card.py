@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from medda.api import Data, measure_class_ratios
 from medda.config import DataConfig, DatasetRef
 from medda.data.cards import load_card
 from medda.data.datalist import read_cases
+from medda.data.priors import measure_card_stats as measure_stats
 from medda.errors import MeddaError
 
 
@@ -24,8 +24,8 @@ def measure_card_stats(
     if not cases:
         raise MeddaError(f"{dataset}: no labelled cases to measure class statistics on")
     # Geometry as a 2D model would see it: full slices, native grid, body crop (the card's own recipe).
-    data = Data(card, str(card_path), DataConfig(card=card_path, mode="2d", patch_size=[64, 64], cache=False))
-    _, stats = measure_class_ratios(data, cases, "2d")
+    data = DataConfig(card=card_path, mode="2d", patch_size=[64, 64], cache=False)
+    stats = measure_stats(card, data, cases, str(card_path))
     where = str(dataset)
     root = os.environ.get("MEDDA_DATA_ROOT")
     if root and where.startswith(root.rstrip("/")):

@@ -16,6 +16,9 @@ from typing import Annotated
 
 import typer
 
+from pipelines.audit_cli import register as register_audit_commands
+from pipelines.guard import run_guarded
+
 app = typer.Typer(
     name="medda",
     help="Adapt segmentation models to new sites (source-free) and train them from few labelled scans.",
@@ -25,45 +28,20 @@ app = typer.Typer(
 )
 card_app = typer.Typer(help="Data cards: validate them and measure class statistics.", no_args_is_help=True)
 app.add_typer(card_app, name="card")
+register_audit_commands(app)  # audit, compare, promote, server
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as train.iterations=200 data.mode=2d.")]
 ConfigPath = Annotated[Path, typer.Argument(help="YAML recipe (see configs/).", show_default=False)]
 
 
-def _user_error(err: BaseException) -> str | None:
-    """The MeddaError message inside `err` (MONAI wraps transform errors), or None for internal bugs."""
-    from medda.errors import MeddaError
-
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, MeddaError):
-            return str(err)
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _guarded(outputs: list[Path], action: Callable[[], None]) -> None:
-    """Run `action`; on a user error print one line, remove outputs it created, exit 2."""
-    fresh = [p for p in outputs if not p.exists()]
-    try:
-        action()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
-        message = _user_error(err)
-        if message is None:
-            raise
-        for path in fresh:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        typer.echo(f"medda: error: {message}", err=True)
-        raise typer.Exit(2) from None
-
-
 def _config(path: Path | None, overrides: list[str] | None, base: dict | None = None):
+    """Load a recipe; a missing `configs/NAME.yaml` or `data_cards/NAME.yaml` falls back to the shipped file."""
     from medda.config import load_config
+    from medda.resources import user_or_bundled
 
-    return load_config(path, overrides or [], base)
+    cfg = load_config(user_or_bundled(path, "configs") if path else None, overrides or [], base)
+    cfg.data.card = user_or_bundled(cfg.data.card, "data_cards")
+    return cfg
 
 
 @app.command()
@@ -106,9 +84,11 @@ def adapt(
         cfg = _config(config, overrides)
         _guarded_dirs.append(cfg.output_dir)
         if methods or evaluate:
-            from pipelines.audit_cli import adapt_sweep
+            from medda.sweep import adapt_sweep, format_sweep, parse_methods
 
-            return adapt_sweep(cfg, methods or cfg.method.name, evaluate)
+            sweep = adapt_sweep(cfg, parse_methods(methods or cfg.method.name), evaluate, typer.echo)
+            typer.echo(format_sweep(sweep))
+            return
         result = api.adapt(cfg)
         typer.echo(f"adapted with {cfg.method.name} (prior: {result.prior_source})")
         if result.collapse:
@@ -187,9 +167,10 @@ def methods() -> None:
 def card_validate(card: Annotated[Path, typer.Argument(help="Data card YAML.")]) -> None:
     """Check a data card against the schema and print its digest."""
     from medda.data.cards import load_card
+    from medda.resources import user_or_bundled
 
     def run() -> None:
-        c = load_card(card)
+        c = load_card(user_or_bundled(card, "data_cards"))
         typer.echo(f"{card}: valid ({c.name}, {c.num_classes} classes, digest {c.digest()})")
 
     _run_with_outputs(run)
@@ -208,6 +189,9 @@ def card_stats(
     _run_with_outputs(lambda: measure_card_stats(card, dataset, split, write, typer.echo))
 
 
+_pre_existing: dict[Path, bool] = {}
+
+
 class _OutputDirs(list):
     """Output folders registered by commands; remembers which already existed (those are never removed)."""
 
@@ -219,31 +203,19 @@ class _OutputDirs(list):
 _guarded_dirs: list[Path] = _OutputDirs()
 
 
-def _run_with_outputs(run: Callable[[], None]) -> None:
+def _run_with_outputs(run: Callable[[], object]) -> None:
     """Run a command; output folders it registered and created are removed on a user error."""
-    existed: dict[Path, bool] = {}
     first = len(_guarded_dirs)  # earlier commands of this process (tests, notebooks) keep their outputs
 
-    def tracked() -> None:
-        start = len(_guarded_dirs)
-        try:
-            run()
-        finally:
-            for path in _guarded_dirs[start:]:
-                existed.setdefault(path, False)
+    def body() -> None:
+        run()  # what it returns (a table, results) is not an exit status
 
-    try:
-        _guarded([], tracked)
-    except typer.Exit:
+    def remove_new_outputs() -> None:
         for path in _guarded_dirs[first:]:
             if path.exists() and not _pre_existing.get(path, False):
                 shutil.rmtree(path, ignore_errors=True)
-        raise
 
-
-_pre_existing: dict[Path, bool] = {}
-
-from pipelines.audit_cli import register; register(app)  # noqa: E402, E702, I001 - audit, compare, promote, server
+    run_guarded(body, remove_new_outputs)
 
 
 def main() -> None:

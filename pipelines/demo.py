@@ -17,14 +17,14 @@ from pathlib import Path
 from medda import api
 from medda.config import RunConfig, load_config
 from medda.data.phantoms import write_phantom_dataset
+from medda.resources import bundled
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 ADAPTATION = {
     # method -> recipe overrides (optimiser settings per method; see configs/phantom_adapt.yaml)
     "none": [],
     "adabn": [],
     "tent": ["optim.lr=0.001"],
-    "entropy_prior": ["method.options.trainable=bn_affine", "optim.lr=0.001"],
+    "entropy_prior": ["method.options.trainable=bn_affine_batch_stats", "optim.lr=0.001"],
     "osuda": ["optim.lr=0.001"],
 }
 
@@ -33,14 +33,15 @@ def _cfg(recipe: str, out: Path, tracking_uri: str, extra: list[str]) -> RunConf
     """Load a phantom recipe with its outputs under `out` and its data under `out`'s parent / data."""
     data = out.parent / "data"
     overrides = [f"tracking.uri={tracking_uri}", f"output_dir={out}"]
-    cfg = load_config(CONFIGS / recipe, overrides + extra)
+    cfg = load_config(bundled("configs", recipe), overrides + extra)
     # Recipes point at demo_out/data; re-root them at this demo's folder.
     for role in ("train", "unlabeled", "val", "test", "target"):
         ref = getattr(cfg.data, role)
         if ref is not None:
             site = ref.path.parent.name
             setattr(cfg.data, role, ref.model_copy(update={"path": data / site / "datalist.json"}))
-    cfg.data.card = CONFIGS.parent / cfg.data.card if not cfg.data.card.is_absolute() else cfg.data.card
+    if not cfg.data.card.is_absolute():  # recipes name data_cards/NAME.yaml: the shipped card
+        cfg.data.card = bundled("data_cards", cfg.data.card.name)
     return cfg
 
 
@@ -66,7 +67,7 @@ def run_demo(
     lines = [f"{'model':<28} {'site':^4} {'Dice':>6} {'HD95 mm':>9} {'ASSD mm':>9}  label-free verdict"]
 
     def evaluate(checkpoint: Path, site: str, name: str, tags: dict | None = None) -> api.EvaluationResult:
-        card = CONFIGS.parent / "data_cards" / f"phantom_site_{site.lower()}.yaml"
+        card = bundled("data_cards", f"phantom_site_{site.lower()}.yaml")
         cfg = _cfg("phantom_source.yaml", out / f"eval_{name}_{site}", tracking_uri, [f"data.card={card}"])
         cfg.data.test = cfg.data.test.model_copy(update={"path": out / "data" / site / "datalist.json"})
         return api.evaluate(checkpoint, cfg, tags=tags)

@@ -1,4 +1,9 @@
-"""`medda train-ssl`: a semi-supervised run and, beside it, its supervised-only twin on the same labelled cases."""
+"""`medda train-ssl`: a semi-supervised run and, beside it, its supervised-only twin on the same labelled cases.
+
+With `source_checkpoint` (semi-supervised domain adaptation) both runs start from the source model, so the twin is
+the plain few-shot fine-tune of that model on the same labelled target cases, and the source model itself is
+evaluated on `data.test` next to them.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +34,17 @@ def run_ssl_with_twin(
     if cfg.data.test is None:
         echo("no data.test: skipping the comparison")
         return results
+    checkpoints: list[tuple[str, str, Path]] = []
+    if cfg.source_checkpoint is not None:
+        checkpoints.append(("source", "no training", Path(cfg.source_checkpoint)))
     for name, result in results.items():
-        for policy, path in (("best-on-val", result.checkpoint), ("last", result.last)):
-            ev = api.evaluate(path, cfg.model_copy(update={"output_dir": cfg.output_dir / f"eval_{name}_{policy}"}),
-                              tags={"ssl.method": name, "checkpoint.policy": policy})
-            echo(f"\n{name} ({policy}, test, {ev.units}):\n{format_table(ev.rows)}")
+        if result.checkpoint == result.last:  # one checkpoint (no data.val: the few-label rule keeps the last)
+            checkpoints.append((name, result.selection, result.last))
+        else:
+            checkpoints += [(name, "best-on-val", result.checkpoint), (name, "last", result.last)]
+    for name, policy, path in checkpoints:
+        folder = f"eval_{name}_{policy.replace(' ', '_')}"
+        ev = api.evaluate(path, cfg.model_copy(update={"output_dir": cfg.output_dir / folder}),
+                          tags={"ssl.method": name, "checkpoint.policy": policy})
+        echo(f"\n{name} ({policy}, test, {ev.units}):\n{format_table(ev.rows)}")
     return results

@@ -74,7 +74,7 @@ def opened_files(monkeypatch) -> list[str]:
     return opened
 
 
-@pytest.mark.parametrize("method", ["none", "adabn", "tent", "entropy_prior", "osuda"])
+@pytest.mark.parametrize("method", ["none", "adabn", "tent", "entropy_prior", "osuda", "dpl", "shot_im"])
 def test_adaptation_reads_only_unlabelled_target_images(method, phantoms, source_checkpoint, tmp_path, opened_files):
     result = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / method, method))
 
@@ -117,6 +117,24 @@ def test_induced_collapse_stops_and_is_not_recommended(phantoms, source_checkpoi
     assert result.checkpoint == source_checkpoint  # the source model stays the recommendation
     stopped_at = result.history[-1]["iteration"]
     assert stopped_at < 30, "adaptation did not stop at the collapse"
+
+
+@pytest.mark.parametrize("method", ["bcp", "mean_teacher", "supervised"])
+def test_adapt_refuses_methods_that_are_not_adaptation(method, phantoms, source_checkpoint, tmp_path):
+    with pytest.raises(MeddaError, match="not an adaptation method"):
+        api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path / "out", method))
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_checkpoint_carries_its_training_geometry_prior(source_checkpoint):
+    meta = read_checkpoint(source_checkpoint)["meta"]
+    prior = meta["class_prior"]
+    assert prior["geometry"] == "3d 32x32x16" and prior["cases"] == 5
+    for name, conditional in prior["conditional"].items():
+        # marginal = presence x conditional for the foreground (measured on the same tiles)
+        if name != "background":
+            assert prior["marginal"][name] == pytest.approx(prior["presence"][name] * conditional, rel=1e-3, abs=1e-6)
+    assert sum(prior["marginal"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_oracle_prior_is_recorded_as_such(phantoms, source_checkpoint, tmp_path):
@@ -171,7 +189,7 @@ def _target_dice(shifted, tmp_path: Path, method: str, extra: list[str]) -> tupl
 def test_adaptation_raises_target_dice_above_the_source(shifted, tmp_path):
     before, _ = _target_dice(shifted, tmp_path, "none", [])
     gains = {}
-    for method, extra in {"tent": [], "entropy_prior": ["method.options={trainable: bn_affine}"]}.items():
+    for method, extra in {"tent": [], "entropy_prior": ["method.options={trainable: bn_affine_batch_stats}"]}.items():
         after, result = _target_dice(shifted, tmp_path, method, extra)
         gains[method] = after - before
         assert result.recommended, f"{method}: the label-free rule kept the source ({result.reason})"

@@ -12,6 +12,7 @@ from torch import nn
 
 from medda.errors import MeddaError
 from medda.methods import entropy_prior as ep
+from medda.methods import losses as L
 from medda.methods import osuda as os_
 from medda.methods.base import MethodContext, batchnorm_layers
 from medda.registry import get_method
@@ -88,19 +89,19 @@ def test_weighted_entropy_matches_hand_computation():
     nu = np.array([0.1, 0.9])
     p = np.stack([1 - P1, P1])
     expected = -(nu[:, None] * p * np.log(p + 1e-10)).sum() / 4
-    got = ep.weighted_entropy(PROBS, torch.tensor(nu, dtype=torch.float32))
+    got = L.entropy(PROBS, torch.tensor(nu, dtype=torch.float32))
     assert got.item() == pytest.approx(expected, rel=1e-5)
     unweighted = -(p * np.log(p + 1e-10)).sum() / 4
-    assert ep.weighted_entropy(PROBS).item() == pytest.approx(unweighted, rel=1e-5)
+    assert L.entropy(PROBS).item() == pytest.approx(unweighted, rel=1e-5)
 
 
 def test_class_ratio_modes():
-    mean = ep.class_ratios(PROBS, "mean_softmax")
+    mean = L.class_ratios(PROBS, "mean_softmax")
     np.testing.assert_allclose(mean.numpy(), [[1 - P1.mean(), P1.mean()]], rtol=1e-6)
     p = np.stack([1 - P1, P1])
     s = (p / p.max(axis=0)).sum(axis=1)  # [0.1/0.9+1+1+0.3/0.7, 1+0.25+1+1]
-    np.testing.assert_allclose(ep.class_ratios(PROBS, "max_normalised").numpy(), [s / s.sum()], rtol=1e-6)
-    assert ep.class_ratios(PROBS, "max_normalised")[0, 1].item() == pytest.approx(
+    np.testing.assert_allclose(L.class_ratios(PROBS, "max_normalised").numpy(), [s / s.sum()], rtol=1e-6)
+    assert L.class_ratios(PROBS, "max_normalised")[0, 1].item() == pytest.approx(
         3.25 / (3.25 + 2.5396825), rel=1e-6
     )
 
@@ -109,12 +110,12 @@ def test_kl_to_prior_and_zero_at_prior():
     ratios = torch.tensor([[0.3, 0.7], [0.5, 0.5]])
     prior = torch.tensor([0.5, 0.5])
     expected = (0.3 * math.log(0.3 / 0.5) + 0.7 * math.log(0.7 / 0.5) + 0.0) / 2
-    assert ep.kl_to_prior(ratios, prior).item() == pytest.approx(expected, rel=1e-5)
-    assert ep.kl_to_prior(torch.tensor([[0.2, 0.8]]), torch.tensor([0.2, 0.8])).item() == pytest.approx(
+    assert L.kl_divergence(ratios, prior).item() == pytest.approx(expected, rel=1e-5)
+    assert L.kl_divergence(torch.tensor([[0.2, 0.8]]), torch.tensor([0.2, 0.8])).item() == pytest.approx(
         0, abs=1e-7
     )
     # a zero prior makes the class' ratio expensive: r (log r - log 1e-10)
-    kl0 = ep.kl_to_prior(torch.tensor([[0.9, 0.1]]), torch.tensor([1.0, 0.0])).item()
+    kl0 = L.kl_divergence(torch.tensor([[0.9, 0.1]]), torch.tensor([1.0, 0.0])).item()
     assert kl0 == pytest.approx(0.9 * math.log(0.9) + 0.1 * (math.log(0.1) - math.log(1e-10)), rel=1e-5)
 
 
@@ -135,8 +136,8 @@ def test_predicted_tags_renormalisation_and_batch_pooling():
     np.testing.assert_allclose(prop.numpy(), [[0.7 / 0.9, 0.2 / 0.9, 0.0], [0.7, 0.2, 0.1]], rtol=1e-6)
     # threshold above class 1's share (1/4) in image 0 drops it too
     assert ep.presence_tags(p, threshold=0.3)[0].tolist() == [True, False, False]
-    pooled = ep.class_ratios(p, "mean_softmax", pooled=True)
-    np.testing.assert_allclose(pooled.numpy(), ep.class_ratios(p).mean(0, keepdim=True).numpy(), rtol=1e-6)
+    pooled = L.class_ratios(p, "mean_softmax", pooled=True)
+    np.testing.assert_allclose(pooled.numpy(), L.class_ratios(p).mean(0, keepdim=True).numpy(), rtol=1e-6)
 
 
 def test_entropy_prior_loss_is_entropy_plus_kl_and_ratios_logged():
@@ -147,8 +148,8 @@ def test_entropy_prior_loss_is_entropy_plus_kl_and_ratios_logged():
     res = m.step(batch, 0)
     with torch.no_grad():
         probs = torch.softmax(m.model(batch["unlabeled"]["image"]), 1)
-    expected = ep.weighted_entropy(probs, torch.tensor([0.2, 0.5, 0.3])) + 2 * ep.kl_to_prior(
-        ep.class_ratios(probs), prior
+    expected = L.entropy(probs, torch.tensor([0.2, 0.5, 0.3])) + 2 * L.kl_divergence(
+        L.class_ratios(probs), prior
     )
     assert res.loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert {"loss", "entropy", "prior_kl", "ratio/0", "ratio/1", "ratio/2"} <= set(res.logs)
@@ -283,17 +284,12 @@ def test_tent_changes_only_bn_affine_and_uses_batch_statistics():
         torch.testing.assert_close(net(x), train_out)  # batch statistics in eval mode too
 
 
-def test_tent_episodic_reset_restores_model():
-    net = tiny_net()
-    m = make("tent", net, episodic=True)
-    params = m.configure()
-    configured = snapshot(net)
-    opt = torch.optim.Adam(params, lr=1e-2)
-    m.step(batches(1)[0], 0).loss.backward()
-    opt.step()
-    assert changed(configured, net)
-    m.reset()
-    assert not changed(configured, net)
+def test_tent_has_no_episodic_option_and_reference_optimiser():
+    # Episodic resets would deliver the model adapted on the last batch only (issue 11, bug 6): refused.
+    with pytest.raises(ValidationError):
+        get_method("tent").Config(episodic=True)
+    assert get_method("tent").default_optim == {"name": "adam", "lr": 1e-3, "weight_decay": 0.0,
+                                                "schedule": "constant"}
 
 
 def test_osuda_schedule_source_copy_and_bn_affine_only():
@@ -344,7 +340,12 @@ def test_osuda_hsc_pulls_towards_source():
     with torch.no_grad():
         net[1].weight.add_(0.5)
     res = m.step(batches(1)[0], 0)
-    assert res.logs["hsc"] == pytest.approx(0.5 * 4, rel=1e-5)  # alpha sums to N=4 over one layer
+    assert res.logs["hsc"] == pytest.approx(0.5, rel=1e-5)  # alpha sums to N=4 over one layer, then / N
+    summed = make("osuda", tiny_net(), lambda_entropy=0.0, hsc_reduction="sum")
+    summed.configure()
+    with torch.no_grad():
+        summed.model[1].weight.add_(0.5)
+    assert summed.step(batches(1)[0], 0).logs["hsc"] == pytest.approx(0.5 * 4, rel=1e-5)
     res.loss.backward()
     assert (net[1].weight.grad > 0).all()
 
@@ -358,7 +359,11 @@ def test_osuda_all_trains_convolutions():
 
 @pytest.mark.parametrize(
     ("trainable", "must_change", "must_keep"),
-    [("bn_affine", {"1.weight"}, {"0.weight", "3.weight"}), ("all", {"0.weight", "3.weight"}, set())],
+    [
+        ("bn_affine", {"1.weight", "1.running_mean"}, {"0.weight", "3.weight"}),
+        ("bn_affine_batch_stats", {"1.weight"}, {"0.weight", "3.weight"}),
+        ("all", {"0.weight", "3.weight"}, set()),
+    ],
 )
 def test_entropy_prior_trainable_scopes(trainable, must_change, must_keep):
     net = tiny_net()
@@ -375,8 +380,10 @@ def test_entropy_prior_trainable_scopes(trainable, must_change, must_keep):
     )
     diff = changed(before, net)
     assert must_change <= diff and not (must_keep & diff)
+    if trainable == "bn_affine_batch_stats":  # Tent-style: no running statistics left to change
+        assert diff == {"1.weight", "1.bias"} and net[1].running_mean is None
     if trainable == "bn_affine":
-        assert diff == {"1.weight", "1.bias"}
+        assert diff == {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
     assert all(np.isfinite(entry["prior_kl"]) for entry in logs)
 
 
@@ -430,7 +437,7 @@ def test_finetune_fewshot_supervised_step():
 
 
 def test_registry_classes_and_docs():
-    for name in ("none", "adabn", "tent", "entropy_prior", "osuda", "finetune_fewshot"):
+    for name in ("none", "adabn", "tent", "entropy_prior", "osuda", "dpl", "shot_im", "finetune_fewshot"):
         cls = get_method(name)
         assert cls.name == name and cls.__module__.startswith("medda.methods.")
         for field in cls.Config.model_fields.values():

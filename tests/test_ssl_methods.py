@@ -11,7 +11,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from medda.components import largest_component
-from medda.engine.ema import ema_update, make_teacher
+from medda.methods.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import MethodContext
 from medda.methods.bcp import (

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medda.config import Strict, validate
 from medda.errors import MeddaError
@@ -85,24 +85,35 @@ class DataCard(Strict):
         "site's in-plane axes in the convention another site's model was trained with (check with labels first).",
     )
     intensity: IntensityRecipe = Field(default_factory=IntensityRecipe)
-    labels: list[LabelEntry]
+    labels: list[LabelEntry] = Field(description="Background (id 0) and at least one structure.")
     class_stats: ClassStats | None = None
     splits: dict[str, SplitRef] = Field(default_factory=dict)
     synthetic: bool = False
 
-    @model_validator(mode="after")
-    def _labels_consistent(self) -> DataCard:
-        ids = sorted({e.id for e in self.labels})
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_is_a_voxel_size(cls, value: list[float] | str) -> list[float] | str:
+        # Distances in mm (HD95, NSD) and resampling silently go wrong with a wrong-length or non-positive size.
+        if isinstance(value, list) and (len(value) != 3 or not all(0 < v < float("inf") for v in value)):
+            raise ValueError("expected three positive voxel sizes in mm (x, y, z) or 'unknown'")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_consistent(cls, labels: list[LabelEntry]) -> list[LabelEntry]:
+        ids = sorted({e.id for e in labels})
+        if len(ids) < 2:
+            raise ValueError("expected a background (id 0) and at least one structure (id 1)")
         if ids != list(range(len(ids))):
             raise ValueError(f"canonical label ids must be 0..K-1 without gaps, got {ids}")
-        codes = [e.code for e in self.labels]
+        codes = [e.code for e in labels]
         if len(codes) != len(set(codes)):
             raise ValueError("label codes must be unique")
         names: dict[int, str] = {}
-        for e in self.labels:
+        for e in labels:
             if names.setdefault(e.id, e.name) != e.name:
                 raise ValueError(f"canonical id {e.id} has two names: {names[e.id]} and {e.name}")
-        return self
+        return labels
 
     # -- derived views -------------------------------------------------------------------------
     @property
@@ -160,6 +171,8 @@ def load_card(path: Path | str) -> DataCard:
         raise MeddaError(f"{path}: data card not found")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise MeddaError(f"{path}: not a text file; a data card is a YAML mapping of fields") from None
     except yaml.YAMLError as err:
         raise MeddaError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):

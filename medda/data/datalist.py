@@ -74,17 +74,25 @@ def _from_json(path: Path, split: str | None) -> tuple[list[dict], bool]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MeddaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise MeddaError(f"{path}: not a text file; expected a decathlon-style datalist JSON") from None
+    if not isinstance(data, dict):
+        raise MeddaError(f"{path}: expected a JSON object with a 'training' list (decathlon-style datalist)")
     keys = [k for k in ("training", "validation", "test") if k in data]
     if not keys:
         raise MeddaError(f"{path}: field 'training' missing: expected a decathlon-style datalist")
     use = [split] if split in data else keys
     cases = []
     for key in use:
+        if not isinstance(data[key], list):
+            raise MeddaError(f"{path}: field '{key}' must be a list of cases ({{\"image\": ..., \"label\": ...}})")
         for i, entry in enumerate(data[key]):
             if isinstance(entry, str):
                 entry = {"image": entry}
-            if "image" not in entry:
-                raise MeddaError(f"{path}: field '{key}[{i}].image' missing")
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise MeddaError(f"{path}: field '{key}[{i}].image' missing or not a path")
+            if entry.get("label") is not None and not isinstance(entry["label"], str):
+                raise MeddaError(f"{path}: field '{key}[{i}].label' must be a path")
             case = {"id": case_id(entry["image"]), "image": str((path.parent / entry["image"]).resolve())}
             if entry.get("label"):
                 case["label"] = str((path.parent / entry["label"]).resolve())

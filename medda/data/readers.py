@@ -176,6 +176,7 @@ class SimpleITKReader(ImageReader):
                     "the one with the most files. Pass series_name to choose another.",
                     stacklevel=2,
                 )
+        _check_slice_positions(folder, files[uid])
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files[uid])
         reader.SetOutputPixelType(self.pixel_type)
@@ -225,6 +226,43 @@ class SimpleITKReader(ImageReader):
         if img.GetNumberOfComponentsPerPixel() == 1:
             return np_img.T
         return np.moveaxis(np_img.T, 0, -1)  # (c, x, y, z) -> (x, y, z, c), as ITKReader
+
+
+def _check_slice_positions(folder: Path, files: Sequence[str], tolerance: float = 0.1) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along their normal.
+
+    A missing or unreadable slice would otherwise be read as a shorter volume with a stretched slice spacing
+    (ITK only warns), and a duplicated one as a zero gap. Slices without position/orientation tags are not checked.
+
+    Args:
+        files: the series' files in GDCM's order (sorted along the slice normal).
+        tolerance: largest accepted deviation of a gap from the median gap, as a fraction of it.
+    """
+    if len(files) < 3:
+        return
+    header = sitk.ImageFileReader()
+    positions, orientation = [], None
+    for name in files:
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        if not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
+            return
+        try:
+            positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+            orientation = orientation or [float(v) for v in header.GetMetaData("0020|0037").split("\\")]
+        except ValueError:
+            return
+    normal = np.cross(orientation[:3], orientation[3:6])
+    along = np.sort(np.asarray(positions) @ normal)  # mm along the slice normal
+    gaps = np.diff(along)
+    typical = float(np.median(gaps))
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if typical <= 0 or abs(gaps[worst] - typical) > tolerance * typical:
+        raise DicomSeriesError(
+            folder, None, f"DICOM slices are not evenly spaced: a gap of {gaps[worst]:.3g} mm between slices "
+            f"{worst + 1} and {worst + 2} of {len(files)} where the others are {typical:.3g} mm (a missing, "
+            "duplicated or corrupt slice); expected a complete series",
+        )
 
 
 def image_reader_for(path: PathLike) -> ImageReader | None:

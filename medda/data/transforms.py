@@ -62,17 +62,52 @@ class LoadCase(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        for key in self.loaders:  # before loading anything: the case's paths name it
+            if not d.get(key):
+                where = d.get("image") or d.get("id") or "a case"
+                raise InputError(where, None, f"case '{d.get('id', '?')}' has no {key} file, and this command needs "
+                                 f"one for every case (expected a matching file in the dataset's {key}s folder)")
         for key, loader in self.loaders.items():
             try:
                 d = loader(d)
+            except InputError:
+                raise  # medda's own readers already name the file and what is wrong (e.g. an incomplete series)
             except Exception as err:  # noqa: BLE001 - any reader failure means the file is not a readable image
                 reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
                 raise InputError(d[key], None, f"could not be read as an image ({reason})") from None
         return d
 
 
+def check_volume(array: torch.Tensor, source: object, what: str) -> None:
+    """Refuse anything but a non-empty single-channel 3D volume: (1, X, Y, Z) with every axis > 0."""
+    if array.numel() == 0:
+        raise InputError(source, None, f"{what} has no voxels (an axis of size 0); expected a 3D volume")
+    spatial = tuple(array.shape[1:])
+    if len(spatial) != 3 or array.shape[0] != 1:
+        found = f"{array.shape[0]} channels x {spatial}" if array.shape[0] != 1 else f"{len(spatial)}D {spatial}"
+        raise InputError(source, None, f"{what} is {found}; expected a single-channel 3D volume (X, Y, Z)")
+
+
+def check_label_codes(label: torch.Tensor | np.ndarray, source: object, codes: set[int], card_ref: str) -> None:
+    """Refuse non-integer, non-finite or unknown label values (rounding 1.4 or 2.6 would silently relabel)."""
+    label = torch.as_tensor(label)
+    if label.is_floating_point():
+        if not torch.isfinite(label).all():
+            raise InputError(source, None, "label map contains NaN or infinite values")
+        fractional = label[label != label.round()]
+        if fractional.numel():
+            shown = sorted({round(float(v), 3) for v in fractional.unique()[:8]})
+            raise InputError(source, None, f"label map holds non-integer values {shown}; expected integer "
+                             f"codes from the label map of {card_ref}")
+    unknown = sorted(set(torch.unique(label).long().tolist()) - codes)
+    if unknown:
+        raise InputError(source, None, f"label values {unknown[:8]} are not in the label map of {card_ref} "
+                         f"(expected {sorted(codes)})")
+
+
 class CheckCase(MapTransform):
-    """Refuse NaNs, image/label grid mismatches and label values outside the card's label map."""
+    """Refuse NaNs, non-volumes (4D, 2D, empty axes), image/label grid mismatches and label values that are
+    not integer codes of the card's label map."""
 
     def __init__(self, card: DataCard, card_path: str, with_label: bool):
         super().__init__(["image", "label"] if with_label else ["image"])
@@ -84,26 +119,40 @@ class CheckCase(MapTransform):
         d = dict(data)
         image = d["image"]
         source = image.meta.get("filename_or_obj", "image")
+        check_volume(image, source, "image")
         if not torch.isfinite(image).all():
             raise InputError(source, None, "image contains NaN or infinite values")
         if not self.with_label:
             return d
         label = d["label"]
         lsource = label.meta.get("filename_or_obj", "label")
+        check_volume(label, lsource, "label map")
         if tuple(label.shape[1:]) != tuple(image.shape[1:]):
             raise InputError(
                 lsource, None, f"label grid {tuple(label.shape[1:])} differs from its image's {tuple(image.shape[1:])}"
             )
         if not torch.allclose(label.affine.double(), image.affine.double(), atol=1e-3, rtol=1e-4):
             raise InputError(lsource, None, "label affine (orientation/spacing/origin) differs from its image's")
-        values = set(torch.unique(label).round().long().tolist())
-        unknown = sorted(values - self.codes)
-        if unknown:
-            raise InputError(
-                lsource, None, f"label values {unknown[:8]} are not in the label map of {self.card_path} "
-                f"(expected {sorted(self.codes)})"
-            )
+        check_label_codes(label, lsource, self.codes, self.card_path)
         return d
+
+
+class CheckFiniteAfterNormalisation(MapTransform):
+    """Refuse images whose normalised intensities are not finite (values near 3e37 overflow a z-score)."""
+
+    def __init__(self, card: DataCard, card_path: str):
+        super().__init__(["image"])
+        self.method = card.intensity.method
+        self.card_path = card_path
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        image = data["image"]
+        if not torch.isfinite(image).all():
+            source = image.meta.get("filename_or_obj", "image") if hasattr(image, "meta") else "image"
+            raise InputError(source, None, f"intensities become NaN or infinite under the normalisation of "
+                             f"{self.card_path} (field 'intensity.method' = {self.method}); expected intensities "
+                             "within float32 range after scaling (rescale the image, e.g. to its stored units)")
+        return dict(data)
 
 
 def body_mask(image: torch.Tensor) -> torch.Tensor:
@@ -143,6 +192,7 @@ def preprocessing(card: DataCard, data: DataConfig, with_label: bool, card_path:
                 "image", recipe.lower_percentile, recipe.upper_percentile, 0.0, 1.0, clip=True, channel_wise=True
             )
         )
+    chain.append(CheckFiniteAfterNormalisation(card, card_path))
     return chain
 
 
@@ -232,11 +282,10 @@ def load_label(path: str | Path, card: DataCard) -> tuple[np.ndarray, np.ndarray
     """A label file on its own grid as canonical ids: (array (X, Y, Z) int, affine 4x4). For evaluation."""
     d = LoadCase(["label"])({"label": str(path)})
     label = d["label"]
+    # as CheckCase does for training: never score against codes the card does not define
+    check_volume(label, path, "label map")
+    check_label_codes(label, path, set(card.label_map), f"card '{card.name}'")
     array = label[0].numpy()
-    unknown = sorted(set(np.unique(np.round(array)).astype(int).tolist()) - set(card.label_map))
-    if unknown:  # as CheckCase does for training: never score against codes the card does not define
-        raise InputError(path, None, f"label values {unknown[:8]} are not in the label map of card '{card.name}' "
-                         f"(expected {sorted(card.label_map)})")
     if card.needs_remap:
         out = np.zeros(array.shape, dtype=np.int16)
         for code, cid in card.label_map.items():

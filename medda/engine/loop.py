@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medda.config import OptimConfig, TrainConfig
-from medda.inference import autocast, memory_format
 from medda.methods.base import Method
+from medda.runtime import autocast, memory_format
 
 
 @dataclass
@@ -98,6 +98,7 @@ def run_loop(
     log: Callable[[dict[str, float], int], None] | None = None,
     one_pass_length: int | None = None,
     log_every: int = 10,
+    score_initial: bool = False,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
 
@@ -107,6 +108,8 @@ def run_loop(
         validate: validator(eval_model, iteration); its score is maximised. None: only the last checkpoint.
         log: receives averaged step logs and validation metrics with the iteration as step.
         one_pass_length: number of batches in one pass over the stream (for `method.one_pass`).
+        score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
+            candidate, and adapting must beat it).
     """
     spatial_dims = method.context.spatial_dims
     fmt = memory_format(spatial_dims) if train.channels_last else None
@@ -133,12 +136,14 @@ def run_loop(
         if result.stop:
             stopped = result.reason or "validator asked to stop"
             return True
+        if train.keep_checkpoints and it > 0:
+            save(f"it{it}", it)
         if result.score > best_score:
             best_score, best_iteration = result.score, it
             best_path = save("best", it)
         return False
 
-    if validate is not None and train.select_by == "label_free":
+    if validate is not None and score_initial:
         # The untouched starting model is scored first (before `configure` resets or re-wires anything):
         # adaptation may only be chosen if it beats the source model.
         checkpoint(0)
@@ -148,8 +153,6 @@ def run_loop(
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, optim)) if optimizer else None
     )
-    initial_optimizer_state = optimizer.state_dict() if optimizer else None
-    episodic = bool(getattr(method.config, "episodic", False))
 
 
     it = 0
@@ -169,16 +172,23 @@ def run_loop(
             # so the selected model is always one of the final phase, never a pre-training checkpoint.
             best_score, best_iteration, best_path = -math.inf, -1, None
         batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
-        if episodic and optimizer is not None:
-            method.reset()
-            optimizer.load_state_dict(initial_optimizer_state)
         with autocast(device, amp):
             result = method.step(batch, it)
         if result.loss is not None and optimizer is not None:
+            # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved.
+            from medda.errors import MeddaError
+
+            hint = "check the images' intensities after the card's normalisation, and optim.lr"
+            if not torch.isfinite(result.loss.detach()).all():
+                raise MeddaError(f"{method.name}: training diverged at iteration {it + 1}: the loss is "
+                                 f"{float(result.loss.detach().float().sum())}; {hint}")
             optimizer.zero_grad(set_to_none=True)
             result.loss.backward()
             optimizer.step()
             scheduler.step()
+            if not torch.stack([torch.isfinite(p.detach()).all() for p in params]).all():
+                raise MeddaError(f"{method.name}: training diverged at iteration {it + 1}: weights became NaN or "
+                                 f"infinite after the optimiser step; {hint}")
         method.after_step(it)
         for key, value in result.logs.items():
             running[key].append(float(value))

@@ -32,8 +32,8 @@ from medda.methods.base import (
     StepResult,
     batchnorm_layers,
     freeze_all,
-    prediction_logs,
 )
+from medda.methods.losses import prediction_logs
 
 
 class Config(MethodConfig):
@@ -109,6 +109,3 @@ class AdaBN(Method):
     def source_statistics(self) -> list[dict[str, torch.Tensor]]:
         """The frozen source running mean/var per BN layer (copies, in module order)."""
         return [{"mean": s["mean"].clone(), "var": s["var"].clone()} for s in self._source]
-
-    def state_dict(self) -> dict:
-        return {"source_statistics": self.source_statistics(), "w_test": self.config.w_test}

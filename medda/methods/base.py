@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -33,7 +33,9 @@ class MethodContext:
         spatial_dims: 2 or 3.
         patch_size: spatial size of training patches/slices, e.g. (H, W) or (H, W, D).
         total_iterations: the run's iteration budget (for schedules and ramps).
-        class_ratio_prior: (K,) expected class proportions summing to 1, or None if no prior is known.
+        class_ratio_prior: (K,) expected class proportions in a training image (2D slice or 3D patch, in the
+            training geometry) that contains the class, summing to 1; None if no prior is known.
+        class_presence: (K,) fraction of training images that contain each class (None: always present).
         seed: random seed for the method's own random draws.
     """
 
@@ -42,8 +44,8 @@ class MethodContext:
     patch_size: tuple[int, ...]
     total_iterations: int
     class_ratio_prior: torch.Tensor | None = None
+    class_presence: torch.Tensor | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Method(ABC):
         requires_batchnorm: refuse models without BatchNorm layers.
         one_pass: the engine runs one epoch over the stream instead of `total_iterations`.
         paired_batches: the "unlabeled" batch must have as many volumes as the "labeled" one.
+        default_optim: the method's reference optimiser recipe; it fills every `optim` field the run config does
+            not set, so that a user who picks a method gets the method (docs/methods.md).
     """
 
     name: ClassVar[str]
@@ -77,6 +81,7 @@ class Method(ABC):
     one_pass: ClassVar[bool] = False
     # Methods that mix each labelled image with one unlabelled image (BCP) need batches of equal size.
     paired_batches: ClassVar[bool] = False
+    default_optim: ClassVar[dict] = {}
 
     def __init__(self, model: nn.Module, config: MethodConfig, context: MethodContext):
         if self.requires_batchnorm and not batchnorm_layers(model):
@@ -110,20 +115,9 @@ class Method(ABC):
     def finalize(self) -> None:  # noqa: B027 (optional hook)
         """Called once after the last step (e.g. AdaBN's source/target statistic mixing)."""
 
-    def reset(self) -> None:  # noqa: B027 (optional hook)
-        """Restore the model state taken at `configure` (episodic methods).
-
-        When `getattr(method.config, "episodic", False)` is True the engine calls `reset()` and
-        resets the optimiser state (fresh optimiser or its initial state_dict) before every batch.
-        """
-
     def eval_model(self) -> nn.Module:
         """The network to validate, checkpoint and predict with."""
         return self.model
-
-    def state_dict(self) -> dict:
-        """Extra state to checkpoint besides the model (e.g. a teacher)."""
-        return {}
 
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -132,20 +126,6 @@ BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """All batch-norm layers of `model` (1d/2d/3d/sync), in module order."""
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]
-
-
-def softmax_entropy(logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over batch and pixels of -sum_k w_k p_k log p_k, computed in float32.
-
-    Args:
-        logits: (B, K, *spatial).
-        weights: optional (K,) class weights (AdaMI's nu); None means all ones.
-    """
-    logp = torch.log_softmax(logits.float(), dim=1)
-    plogp = logp.exp() * logp
-    if weights is not None:
-        plogp = plogp * weights.to(plogp).view(1, -1, *([1] * (logits.ndim - 2)))
-    return -plogp.sum(dim=1).mean()
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -162,11 +142,50 @@ def bn_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-@torch.no_grad()
-def prediction_logs(logits: torch.Tensor) -> dict[str, float]:
-    """Label-free monitoring scalars: mean softmax entropy and mean predicted class ratios "ratio/<k>"."""
-    probs = torch.softmax(logits.detach().float(), dim=1)
-    logs = {"entropy": float(softmax_entropy(logits.detach()))}
-    ratios = probs.flatten(2).mean(dim=(0, 2))
-    logs.update({f"ratio/{k}": float(r) for k, r in enumerate(ratios)})
-    return logs
+TrainableScope = Literal["all", "bn_affine", "bn_affine_batch_stats", "all_but_head"]
+
+
+def trainable_parameters(model: nn.Module, scope: TrainableScope, method: str, num_classes: int = 0) -> list[nn.Parameter]:
+    """Put `model` in train mode, freeze everything outside `scope` and return the parameters to optimise.
+
+    Scopes (docs/methods.md, "What trains"):
+        all: every parameter; BN normalises with batch statistics and keeps updating its running statistics
+            (AdaMI's reference code, fine-tuning).
+        bn_affine: only BN gamma/beta; BN running statistics keep updating (as `all`) and are used in eval mode.
+        bn_affine_batch_stats: only BN gamma/beta, and BN drops its running statistics so that it normalises with
+            the current batch statistics in train and eval mode (Tent; the AdaMI authors' later test-time code).
+        all_but_head: every parameter except the classifier head (the convolutions that output `num_classes`
+            channels), which stays the source hypothesis (SHOT).
+    """
+    model.train()
+    freeze_all(model)
+    if scope in ("all", "all_but_head"):
+        params = [p for p in model.parameters()]
+        if scope == "all_but_head":
+            head = {id(p) for p in head_parameters(model, num_classes)}
+            if not head:
+                raise MeddaError(f"method '{method}' freezes the classifier head, but no convolution of the model "
+                                 f"outputs its {num_classes} classes")
+            params = [p for p in params if id(p) not in head]
+    elif scope in ("bn_affine", "bn_affine_batch_stats"):
+        params = bn_affine_parameters(model)
+        if not params:
+            raise MeddaError(f"method '{method}' trains the batch-norm affine parameters, but the model has no "
+                             "batch-norm layer with affine parameters (build it with model.norm=batch)")
+        if scope == "bn_affine_batch_stats":
+            for bn in batchnorm_layers(model):
+                bn.track_running_stats = False
+                bn.running_mean = None
+                bn.running_var = None
+    else:
+        raise MeddaError(f"trainable scope '{scope}' is unknown; expected one of {', '.join(get_args(TrainableScope))}")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def head_parameters(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
+    """Parameters of the convolutions that output the `num_classes` logits (the classifier head)."""
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return [p for m in model.modules() if isinstance(m, convs) and m.out_channels == num_classes
+            for p in m.parameters()]

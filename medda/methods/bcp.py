@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from medda.components import largest_component
-from medda.engine.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import Method, MethodConfig, StepResult
-from medda.methods.supervised import as_label
+from medda.methods.ema import ema_update, make_teacher
+from medda.methods.losses import as_label
 
 DiceVariant = Literal["pooled_squared", "per_sample_linear"]
 DICE_SMOOTH = {"pooled_squared": 1e-10, "per_sample_linear": 1e-5}

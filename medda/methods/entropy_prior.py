@@ -25,14 +25,19 @@ the target ground truth (weak supervision); medda stays label-free with `absent_
     in the reference size tables where the background is the remainder; "proportional" rescales the
     remaining classes, and may also drop the background). A label-free substitute for the reference's
     ground-truth tags: it cannot recover an organ the model misses entirely;
-  - "batch": the KL on the class ratio pooled over the whole batch (sensible for patches or slices
-    where structures may be absent from single images but not from a batch).
+  - "batch": the KL between the class ratio pooled over the whole batch and the *marginal* prior (the
+    expected ratio of any image, empty ones included: presence x conditional ratio, from
+    `MethodContext.class_presence`), since a pooled batch contains images without the structure.
 
-What trains (`trainable`): "all" (reference code: Adam over every parameter, the network in train
-mode so BN normalises with batch statistics and updates its running statistics) or "bn_affine"
+The prior is measured in the training geometry (slices padded/cropped to the patch size, as the method sees
+them; `medda.data.priors`), so the KL does not reward over-segmentation of padded patches.
+
+What trains (`trainable`, `medda.methods.base.trainable_parameters`): "all" (reference code: Adam over every
+parameter, the network in train mode so BN normalises with batch statistics and updates its running
+statistics), "bn_affine" (only BN gamma/beta, running statistics updating) or "bn_affine_batch_stats"
 (Tent-style, as the authors' later test-time adaptation code: only BN gamma/beta, batch statistics).
-Reference optimiser: Adam lr 1e-6 (!), betas (0.9, 0.999), weight decay 1e-4, lr x0.9 every 20 epochs,
-batches of ~24 slices.
+Reference optimiser (the default, `default_optim`): Adam lr 1e-6, betas (0.9, 0.999), weight decay 1e-4
+(the reference also multiplies the lr by 0.9 every 20 epochs: constant within medda's budgets).
 """
 
 from __future__ import annotations
@@ -44,45 +49,17 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from medda.errors import MeddaError
-from medda.methods.base import Method, MethodConfig, MethodContext, StepResult, prediction_logs
-from medda.methods.tent import configure_tent
+from medda.methods.base import Method, MethodConfig, MethodContext, StepResult, trainable_parameters
+from medda.methods.losses import (
+    RatioMode,
+    class_ratios,
+    entropy,
+    kl_divergence,
+    marginal_prior,
+    prediction_logs,
+)
 
 EPS = 1e-10
-RatioMode = Literal["mean_softmax", "max_normalised"]
-
-
-def weighted_entropy(
-    probs: torch.Tensor, weights: torch.Tensor | None = None, eps: float = EPS
-) -> torch.Tensor:
-    """-(1/(B|Omega|)) sum_{i,p,k} nu_k s log(s + eps) for probs (B, K, *spatial); weights (K,) or None (ones)."""
-    probs = probs.float()
-    plogp = probs * torch.log(probs + eps)
-    if weights is not None:
-        plogp = plogp * weights.to(plogp).view(1, -1, *([1] * (probs.ndim - 2)))
-    return -plogp.sum(dim=1).mean()
-
-
-def class_ratios(probs: torch.Tensor, mode: RatioMode = "mean_softmax", pooled: bool = False) -> torch.Tensor:
-    """Predicted class ratios per image, (B, K), each row summing to 1; (1, K) over the batch if `pooled`.
-
-    "mean_softmax": (1/|Omega|) sum_p s_pk. "max_normalised": sum_p (s_pk / max_j s_pj), normalised over k.
-    """
-    flat = probs.float().flatten(2)  # (B, K, P)
-    if mode == "max_normalised":
-        flat = flat / flat.max(dim=1, keepdim=True).values
-    elif mode != "mean_softmax":
-        raise MeddaError(f"ratio_mode '{mode}' is unknown; expected 'mean_softmax' or 'max_normalised'")
-    sums = flat.sum(dim=2)  # (B, K)
-    if pooled:
-        sums = sums.sum(dim=0, keepdim=True)
-    return sums / sums.sum(dim=1, keepdim=True)
-
-
-def kl_to_prior(ratios: torch.Tensor, prior: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(1/B) sum_i sum_k r_ik (log(r_ik + eps) - log(tau_ik + eps)); prior (K,) or (B, K)."""
-    ratios = ratios.float()
-    prior = prior.to(ratios).expand_as(ratios)
-    return (ratios * (torch.log(ratios + eps) - torch.log(prior + eps))).sum(dim=1).mean()
 
 
 def presence_tags(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -132,16 +109,17 @@ class Config(MethodConfig):
     lambda_kl: float = Field(
         1.0, ge=0.0, description="Weight of KL(predicted ratio || prior) (reference 1; 0 = AdaEnt)."
     )
-    trainable: Literal["all", "bn_affine"] = Field(
+    trainable: Literal["all", "bn_affine", "bn_affine_batch_stats"] = Field(
         "all",
         description="'all': every parameter, BN in train mode updating its running statistics (reference code); "
-        "'bn_affine': only BN gamma/beta with batch statistics (Tent-style).",
+        "'bn_affine': only BN gamma/beta, running statistics updating; 'bn_affine_batch_stats': only BN "
+        "gamma/beta on batch statistics (Tent-style, the authors' later TTA code).",
     )
     absent_classes: Literal["none", "predicted_tags", "batch"] = Field(
         "none",
         description="Prior for images where a structure may be absent: 'none' = constant prior, "
         "'predicted_tags' = zero the prior of classes the model does not predict (label-free tags), "
-        "'batch' = KL on the batch-pooled class ratio.",
+        "'batch' = KL between the batch-pooled class ratio and the marginal prior (empty images included).",
     )
     presence_threshold: float = Field(
         1e-3,
@@ -169,6 +147,7 @@ class EntropyPrior(Method):
 
     name = "entropy_prior"
     Config = Config
+    default_optim = {"name": "adam", "lr": 1e-6, "weight_decay": 1e-4, "schedule": "constant"}
 
     config: Config
 
@@ -190,6 +169,7 @@ class EntropyPrior(Method):
                 "the class-ratio prior must hold finite, non-negative proportions with a positive sum"
             )
         self.prior = prior / prior.sum()  # e.g. pixel counts, or tables summing to ~1.005, become proportions
+        self.marginal = marginal_prior(self.prior, context.class_presence)
         self.weights: torch.Tensor | None = None
         if config.class_weights is not None:
             if len(config.class_weights) != k:
@@ -199,27 +179,22 @@ class EntropyPrior(Method):
             self.weights = torch.tensor(config.class_weights, dtype=torch.float32)
 
     def configure(self) -> list[nn.Parameter]:
-        if self.config.trainable == "bn_affine":
-            return configure_tent(self.model, self.name)
-        self.model.train()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        return list(self.model.parameters())
+        return trainable_parameters(self.model, self.config.trainable, self.name)
 
     def step(self, batch: dict[str, dict[str, torch.Tensor]], iteration: int) -> StepResult:
         cfg = self.config
         logits = self.model(batch["unlabeled"]["image"]).float()
         probs = torch.softmax(logits, dim=1)
-        ent = weighted_entropy(probs, self.weights)
+        ent = entropy(probs, self.weights)
         ratios = class_ratios(probs, cfg.ratio_mode)
         prior = self.prior.to(probs.device)
         if cfg.absent_classes == "batch":
-            kl = kl_to_prior(class_ratios(probs, cfg.ratio_mode, pooled=True), prior)
+            kl = kl_divergence(class_ratios(probs, cfg.ratio_mode, pooled=True), self.marginal.to(probs.device))
         elif cfg.absent_classes == "predicted_tags":
             present = presence_tags(probs, cfg.presence_threshold)
-            kl = kl_to_prior(ratios, tagged_prior(prior, present, cfg.tag_renormalisation))
+            kl = kl_divergence(ratios, tagged_prior(prior, present, cfg.tag_renormalisation))
         else:
-            kl = kl_to_prior(ratios, prior)
+            kl = kl_divergence(ratios, prior)
         loss = cfg.lambda_entropy * ent + cfg.lambda_kl * kl
         logs = prediction_logs(logits)
         logs.update({f"ratio/{k}": float(r) for k, r in enumerate(ratios.detach().mean(dim=0))})

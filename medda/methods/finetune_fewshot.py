@@ -7,6 +7,11 @@ loss is (Dice + cross-entropy) / 2 (MONAI DiceCELoss, softmax, one-hot targets).
 
 NOT source-free with respect to target labels: it reads target ground truth (reads_target_labels=True),
 so it belongs in a separate row of any source-free comparison (an upper-bound-style baseline for k shots).
+
+Model selection: it has labels, so its checkpoint is chosen by the few-label rule (`medda.api.few_label_selection`;
+best validation Dice with `data.val`, otherwise the last checkpoint of the fixed budget), never by the label-free
+rule and never on `data.test`, which must not overlap its labelled cases. `medda train` with `source_checkpoint`
+runs it (or `supervised`, the same loss on all parameters) next to mean teacher and BCP from the same source model.
 """
 
 from __future__ import annotations
@@ -14,20 +19,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from monai.losses import DiceCELoss
 from pydantic import Field
 from torch import nn
 
-from medda.errors import MeddaError
-from medda.methods.base import (
-    Method,
-    MethodConfig,
-    MethodContext,
-    StepResult,
-    bn_affine_parameters,
-    freeze_all,
-    prediction_logs,
-)
+from medda.methods.base import Method, MethodConfig, MethodContext, StepResult, trainable_parameters
+from medda.methods.losses import as_label, dice_ce_loss, prediction_logs
 
 
 class Config(MethodConfig):
@@ -53,24 +49,10 @@ class FinetuneFewshot(Method):
 
     def __init__(self, model: nn.Module, config: MethodConfig, context: MethodContext):
         super().__init__(model, config, context)
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
+        self.loss_fn = dice_ce_loss()
 
     def configure(self) -> list[nn.Parameter]:
-        self.model.train()
-        if self.config.trainable == "bn_affine":
-            freeze_all(self.model)
-            params = bn_affine_parameters(self.model)
-            if not params:
-                raise MeddaError(
-                    "finetune_fewshot with trainable=bn_affine needs batch-norm layers with affine parameters; "
-                    "the model has none (build it with model.norm=batch, or use trainable=all)"
-                )
-            for p in params:
-                p.requires_grad_(True)
-            return params
-        for p in self.model.parameters():
-            p.requires_grad_(True)
-        return list(self.model.parameters())
+        return trainable_parameters(self.model, self.config.trainable, self.name)
 
     def step(self, batch: dict[str, dict[str, torch.Tensor]], iteration: int) -> StepResult:
         data = batch["labeled"]
@@ -78,7 +60,7 @@ class FinetuneFewshot(Method):
         label = data["label"]
         if label.ndim == logits.ndim - 1:
             label = label.unsqueeze(1)
-        loss = self.loss_fn(logits, label.long())
+        loss = self.loss_fn(logits, as_label(label))
         logs = prediction_logs(logits)
         logs["loss"] = float(loss.detach())
         return StepResult(loss, logs)

@@ -28,10 +28,10 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from medda.engine.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import Method, MethodConfig, StepResult
-from medda.methods.supervised import as_label, make_dice_ce
+from medda.methods.ema import ema_update, make_teacher
+from medda.methods.losses import as_label, dice_ce_loss
 
 
 class MeanTeacherConfig(MethodConfig):
@@ -73,7 +73,7 @@ class MeanTeacher(Method):
     def __init__(self, model, config, context):
         super().__init__(model, config, context)
         self.teacher = make_teacher(model)
-        self.loss_fn = make_dice_ce()
+        self.loss_fn = dice_ce_loss()
         self.ramp_iterations = (
             context.total_iterations if config.ramp_iterations is None else config.ramp_iterations
         )

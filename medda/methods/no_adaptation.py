@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medda.methods.base import Method, MethodConfig, StepResult, freeze_all, prediction_logs
+from medda.methods.base import Method, MethodConfig, StepResult, freeze_all
+from medda.methods.losses import prediction_logs
 
 
 class Config(MethodConfig):

@@ -12,8 +12,14 @@ reconstruction (docs/methods.md section 2.2), whose exact forms are unverified a
    alpha_lc = N (1 + T_lc)^-1 / sum (1 + T)^-1, the sum and N over all layers and channels
    ("global", N = L.C, default) or within each layer ("layer", N = C, TransNorm). alpha is a
    constant (detached), recomputed every step from the current running statistics.
-3. High-order consistency: L_HSC = sum_lc alpha_lc (|gamma^t - gamma^s| + |beta^t - beta^s|) ("l1"),
-   or with squared differences ("l2"); gamma^s, beta^s are frozen source copies.
+3. High-order consistency: L_HSC = (1/N) sum_lc alpha_lc (|gamma^t - gamma^s| + |beta^t - beta^s|) ("l1"),
+   or with squared differences ("l2"); gamma^s, beta^s are frozen source copies; N = the number of BN channels
+   (`hsc_reduction="mean"`, default). Normalising by N makes L_HSC a per-channel average, on the scale of the
+   per-pixel mean entropy: with the plain sum ("sum"), every gamma/beta receives a consistency subgradient of
+   about alpha ~ 1 against an entropy gradient of about 1e-3, so the affine parameters cannot leave the source
+   values and OSUDA reduces to BN-statistics adaptation (measured: gamma/beta moved 1e-5 in 200 Adam steps
+   against 1e-2 under Tent). With "mean", a channel moves where the entropy gradient exceeds alpha/N and the
+   consistency holds the others at their source values.
 4. L = L_HSC + lambda_entropy * L_SE, with L_SE the mean softmax entropy.
 
 The source statistics and affine parameters are kept as a separate frozen copy, outside the
@@ -42,11 +48,9 @@ from medda.methods.base import (
     MethodContext,
     StepResult,
     batchnorm_layers,
-    bn_affine_parameters,
-    freeze_all,
-    prediction_logs,
-    softmax_entropy,
+    trainable_parameters,
 )
+from medda.methods.losses import entropy, prediction_logs
 
 
 def bn_momentum_schedule(n: int, eta0: float, tau: float) -> float:
@@ -85,8 +89,10 @@ def high_order_consistency(
     gammas_src: list[torch.Tensor],
     betas_src: list[torch.Tensor],
     consistency: Literal["l1", "l2"] = "l1",
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """sum_lc alpha_lc (d(gamma_t, gamma_s) + d(beta_t, beta_s)), d = |.| ("l1") or (.)^2 ("l2")."""
+    """sum_lc alpha_lc (d(gamma_t, gamma_s) + d(beta_t, beta_s)), d = |.| ("l1") or (.)^2 ("l2"), divided by the
+    number of channels N for reduction="mean"."""
     if consistency not in ("l1", "l2"):
         raise MeddaError(f"consistency '{consistency}' is unknown; expected 'l1' or 'l2'")
     total = torch.zeros((), dtype=torch.float32, device=alphas[0].device if alphas else None)
@@ -94,6 +100,10 @@ def high_order_consistency(
         dg, db = g.float() - gs.float(), b.float() - bs.float()
         d = dg.abs() + db.abs() if consistency == "l1" else dg.square() + db.square()
         total = total + (a * d).sum()
+    if reduction == "mean":
+        return total / max(sum(a.numel() for a in alphas), 1)
+    if reduction != "sum":
+        raise MeddaError(f"hsc_reduction '{reduction}' is unknown; expected 'mean' or 'sum'")
     return total
 
 
@@ -115,8 +125,15 @@ class Config(MethodConfig):
         "or within each layer ('layer', N = C, TransNorm).",
     )
     consistency: Literal["l1", "l2"] = Field("l1", description="Distance of the high-order consistency term.")
+    hsc_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="'mean': L_HSC averaged over the BN channels (on the entropy's scale, so gamma/beta adapt); "
+        "'sum': summed over channels (then gamma/beta stay at their source values: BN statistics only).",
+    )
     trainable: Literal["bn_affine", "all"] = Field(
-        "bn_affine", description="Train only BN gamma/beta ('bn_affine') or the whole network ('all')."
+        "bn_affine",
+        description="Train only BN gamma/beta ('bn_affine') or the whole network ('all'); the running statistics "
+        "follow the decaying momentum in both.",
     )
 
 
@@ -126,6 +143,7 @@ class OSUDA(Method):
     name = "osuda"
     Config = Config
     requires_batchnorm = True
+    default_optim = {"name": "adam", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant"}
 
     config: Config
 
@@ -153,16 +171,7 @@ class OSUDA(Method):
             }
             for bn in self._layers
         ]
-        self.model.train()
-        if self.config.trainable == "all":
-            for p in self.model.parameters():
-                p.requires_grad_(True)
-            return list(self.model.parameters())
-        freeze_all(self.model)
-        params = bn_affine_parameters(self.model)
-        for p in params:
-            p.requires_grad_(True)
-        return params
+        return trainable_parameters(self.model, self.config.trainable, self.name)
 
     def source_copy(self) -> list[dict[str, torch.Tensor]]:
         """The frozen source running mean/var and gamma/beta per BN layer (module order)."""
@@ -175,7 +184,7 @@ class OSUDA(Method):
             bn.momentum = eta
         self.last_momentum = eta
         logits = self.model(batch["unlabeled"]["image"]).float()
-        ent = softmax_entropy(logits)
+        ent = entropy(torch.softmax(logits, dim=1))
 
         affine = [(bn, src) for bn, src in zip(self._layers, self._source, strict=True) if bn.affine]
         with torch.no_grad():
@@ -191,6 +200,7 @@ class OSUDA(Method):
             [src["weight"] for _, src in affine],
             [src["bias"] for _, src in affine],
             cfg.consistency,
+            cfg.hsc_reduction,
         )
         loss = hsc + cfg.lambda_entropy * ent
         logs = prediction_logs(logits)
@@ -203,6 +213,3 @@ class OSUDA(Method):
             }
         )
         return StepResult(loss, logs)
-
-    def state_dict(self) -> dict:
-        return {"source_copy": self._source}

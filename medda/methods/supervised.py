@@ -1,27 +1,15 @@
 """Supervised training on labelled scans: source training and the supervised-only twin of SSL runs.
 
-Loss: (Dice + CE) / 2 on the labelled stream, via MONAI `DiceCELoss(to_onehot_y=True, softmax=True,
-lambda_dice=0.5, lambda_ce=0.5)` (per-sample, per-class soft Dice including background).
+Loss: (Dice + CE) / 2 on the labelled stream (`medda.methods.losses.dice_ce_loss`: MONAI DiceCELoss, per-sample,
+per-class soft Dice including background).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-from monai.losses import DiceCELoss
-
 from medda.methods.base import Method, MethodConfig, StepResult
-
-
-def make_dice_ce() -> DiceCELoss:
-    """The (Dice + CE)/2 loss shared by supervised, mean teacher and source training."""
-    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
-
-
-def as_label(label: torch.Tensor) -> torch.Tensor:
-    """Labels arrive as (B, 1, *S) float or int: return them as long."""
-    return label.round().long() if label.is_floating_point() else label.long()
+from medda.methods.losses import as_label, dice_ce_loss
 
 
 class SupervisedConfig(MethodConfig):
@@ -38,7 +26,7 @@ class Supervised(Method):
 
     def __init__(self, model, config, context):
         super().__init__(model, config, context)
-        self.loss_fn = make_dice_ce()
+        self.loss_fn = dice_ce_loss()
 
     def step(self, batch, iteration: int) -> StepResult:
         image = batch["labeled"]["image"]

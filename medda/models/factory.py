@@ -70,8 +70,12 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
 
     `meta` must hold only plain types (str/int/float/bool/list/dict/None): checkpoints load with weights_only=True.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a diverged model must never become a checkpoint that is later selected or registered
+        raise MeddaError(f"{path}: not saved: {len(broken)} of {len(state)} weight tensors hold NaN or infinite "
+                         f"values (first: {broken[0]}); training diverged (check image intensities and optim.lr)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, tmp)
     tmp.replace(path)  # never leave a half-written checkpoint behind
@@ -92,11 +96,35 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return ckpt
 
 
+def _checked_meta(path: Path | str, ckpt: dict[str, Any]) -> tuple[dict[str, Any], ModelConfig]:
+    """The checkpoint's metadata, refused in one line when a field needed to rebuild the model is wrong."""
+    from medda.config import validate
+
+    meta = ckpt.get("meta")
+    if not isinstance(meta, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise MeddaError(f"{path}: fields 'meta' and 'state_dict' must be mappings: not a usable medda checkpoint")
+    for key, kind in (("model", dict), ("spatial_dims", int), ("num_classes", int), ("class_names", list),
+                      ("data", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise MeddaError(f"{path}: field 'meta.{key}' missing or not a {kind.__name__}: not a usable checkpoint")
+    if meta["spatial_dims"] not in (2, 3) or meta["num_classes"] < 2 or len(meta["class_names"]) != meta["num_classes"]:
+        raise MeddaError(f"{path}: field 'meta' is inconsistent (spatial_dims {meta['spatial_dims']}, num_classes "
+                         f"{meta['num_classes']}, {len(meta['class_names'])} class names)")
+    mode = meta["data"].get("mode")
+    if mode is not None and (2 if mode == "2d" else 3) != meta["spatial_dims"]:
+        raise MeddaError(f"{path}: field 'meta.data.mode' is {mode} but 'meta.spatial_dims' is {meta['spatial_dims']}")
+    return meta, validate(ModelConfig, meta["model"], f"{path} (checkpoint metadata 'meta.model')")
+
+
 def load_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network from a checkpoint's metadata and load its weights."""
+    """Rebuild the network from a checkpoint's metadata and load its weights.
+
+    Metadata that does not describe the stored weights (another architecture, class count or channel count)
+    is refused in one line naming the checkpoint, instead of PyTorch's many-line size-mismatch report.
+    """
     ckpt = read_checkpoint(path)
-    meta = ckpt["meta"]
-    model = build_model(ModelConfig(**meta["model"]), meta["spatial_dims"], meta["num_classes"])
+    meta, model_cfg = _checked_meta(path, ckpt)
+    model = build_model(model_cfg, meta["spatial_dims"], meta["num_classes"])
     state = ckpt["state_dict"]
     for name, module in model.named_modules():
         # TENT-style models normalise with batch statistics and carry no running statistics.
@@ -104,5 +132,11 @@ def load_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
             module.track_running_stats = False
             module.running_mean = module.running_var = module.num_batches_tracked = None
             state.pop(f"{name}.num_batches_tracked", None)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        detail = detail.split(":", 1)[-1].strip()[:200]
+        raise MeddaError(f"{path}: checkpoint metadata (fields 'meta.model', 'meta.num_classes', "
+                         f"'meta.spatial_dims') does not match its weights ({detail})") from None
     return model, meta

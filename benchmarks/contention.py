@@ -1,0 +1,130 @@
+"""Training-step time next to a busy neighbour: a small 2D UNet alone, then with one CPU-bound process running.
+
+Each thread policy runs in its own Python process, because the OpenMP wait policy is read once, when torch
+loads. Policies:
+- `torch defaults`: no OMP_WAIT_POLICY, one thread per core (what medda did before).
+- `medda (automatic)`: `import medda` first (passive OpenMP wait), then `train.threads` unset, i.e.
+  `medda.runtime.apply_threads(None)`: one thread per CPU this process may use.
+- `medda, threads=1`: passive wait and one thread (what the real-data benchmark recipes pin).
+
+Network: MONAI UNet, 2D, channels 16-128, batch norm, batch 8 x 1 x 128 x 128, float32, AdamW, cross-entropy.
+The neighbour is `python -c "while True: pass"`, started and killed by the benchmark. Each phase times
+`--steps` steps or stops after `--budget` seconds, whichever comes first (a collapsed policy is slow).
+
+Usage (repository root):  .venv/bin/python benchmarks/contention.py [--steps 10] [--budget 15]
+Writes benchmarks/results/contention.json and prints a Markdown table (copied into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "contention.json"
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = {"torch defaults": "torch", "medda (automatic)": "medda", "medda, threads=1": "medda1"}
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+
+
+def _steps_per_phase(step, steps: int, budget: float) -> list[float]:
+    step()  # warm-up (allocations, oneDNN kernel selection)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < steps and time.perf_counter() - start < budget:
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker(policy: str, steps: int, budget: float) -> dict:
+    """Time `steps` training steps alone and next to a busy process, under `policy`, in this process."""
+    if policy != "torch":
+        import medda.runtime  # noqa: F401  (imports medda first: passive OpenMP wait before torch loads)
+    import torch
+    from monai.networks.nets import UNet
+
+    if policy == "medda":
+        from medda.runtime import apply_threads
+
+        apply_threads(None)
+    elif policy == "medda1":
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = UNet(2, 1, 4, channels=(16, 32, 64, 128), strides=(2, 2, 2), norm="batch")
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(8, 1, 128, 128)
+    y = torch.randint(0, 4, (8, 128, 128))
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimiser.step()
+
+    alone = _steps_per_phase(step, steps, budget)
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the neighbour reach its core
+        contended = _steps_per_phase(step, steps, budget)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    return {
+        "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "alone_s": sum(alone) / len(alone), "contended_s": sum(contended) / len(contended),
+        "alone_steps": len(alone), "contended_steps": len(contended),
+    }
+
+
+def machine() -> dict:
+    import torch
+
+    from medda.runtime import cpu_has_bf16, usable_cpus
+
+    return {
+        "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_units": cpu_has_bf16(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
+        "load_average_1min_at_start": os.getloadavg()[0], "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per phase (after one warm-up)")
+    parser.add_argument("--budget", type=float, default=15.0, help="seconds per phase at most")
+    parser.add_argument("--worker", choices=sorted(set(POLICIES.values())), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.budget)))
+        return
+
+    results = {"machine": machine(), "policies": {}}
+    clean = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
+    for name, policy in POLICIES.items():
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", policy, "--steps", str(args.steps), "--budget", str(args.budget)],
+            env=clean, cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout
+        results["policies"][name] = json.loads(out.strip().splitlines()[-1])
+        print(name, results["policies"][name], flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+    m = results["machine"]
+    print(f"\nCPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, {m['usable_cpus']} usable of "
+          f"{m['cores']} cores, torch {m['torch']}, 1-min load average at start {m['load_average_1min_at_start']:.2f}\n")
+    print("| policy | threads | OpenMP wait | alone (s/step) | with a busy neighbour (s/step) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results["policies"].items():
+        print(f"| {name} | {r['threads']} | {r['omp_wait_policy']} | {r['alone_s']:.3f} | {r['contended_s']:.3f} "
+              f"| {r['contended_s'] / r['alone_s']:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

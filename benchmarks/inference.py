@@ -1,0 +1,229 @@
+"""medda's predict path against plain MONAI sliding-window inference with MONAI's defaults, and the peak memory of
+predicting a large volume.
+
+Both run the same checkpoint on the same preprocessed volumes (medda's inference chain, the checkpoint's geometry):
+- `MONAI defaults`: `SlidingWindowInferer` (3D) or `SliceInferer` (2D) with sw_batch_size 1, overlap 0.25,
+  constant blending, float32, the training patch as window. This is what a user would write by hand.
+- `medda defaults`: `Predictor` with the run's `inference` settings, `train.amp=auto` (bf16 where the CPU has bf16
+  units) and channels-last.
+- `medda, MONAI windows`: the same `Predictor`, but with MONAI's window settings and no flip TTA. Its agreement
+  with `MONAI defaults` isolates the numerical change (bf16, memory layout).
+
+For each variant the table gives the time over all cases (after one warm-up case), the speed-up over MONAI defaults,
+and the agreement with MONAI's label maps: the Dice per foreground class between the two argmax maps in
+preprocessed space, averaged over classes and cases. Peak RSS: a fresh process runs medda's whole predict path
+(reading, preprocessing, windows, inversion to the original grid, argmax) on a synthetic volume. It reports
+`resource.getrusage` maximum resident size.
+
+Usage (repository root):
+  .venv/bin/python benchmarks/inference.py --checkpoint CKPT.pt --card data_cards/acdc.yaml \\
+      --images DATALIST_OR_FOLDER [--split test] [--limit 10] [--threads 1] [--rss-shape 512 512 300]
+  .venv/bin/python benchmarks/inference.py --quick   # self-check: random tiny model on phantoms, numbers mean nothing
+Writes benchmarks/results/inference.json (not with --quick) and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "inference.json"
+MONAI_WINDOWS = {"sw_batch_size": 1, "overlap": 0.25, "blend": "constant", "tta_flips": False}
+
+
+def _run_config(card: Path, threads: int, device: str, inference: dict | None = None):
+    from medda.config import RunConfig
+
+    return RunConfig.model_validate({
+        "data": {"card": str(card)}, "train": {"threads": threads, "device": device},
+        "inference": inference or {}, "tracking": {"enabled": False},
+    })
+
+
+def _monai_defaults(predictor):
+    """Plain MONAI inference with MONAI's defaults over the same windows as `predictor`, float32, NC(D)HW."""
+    from monai.inferers import SliceInferer, SlidingWindowInferer
+
+    roi = predictor.config.roi_size or list(predictor.data.patch_size)
+    window = {"roi_size": roi, "sw_batch_size": 1, "overlap": 0.25, "mode": "constant"}
+    if predictor.data.mode == "2d":
+        return SliceInferer(spatial_dim=predictor.data.slice_axis, **window)
+    return SlidingWindowInferer(**window)
+
+
+def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, limit: int | None, threads: int,
+            device: str) -> dict:
+    """Time and agreement of the three variants on the cases of `images` (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    from medda import api, metrics
+    from medda.config import DatasetRef
+    from medda.data.cards import load_card
+    from medda.data.datalist import read_cases
+    from medda.data.transforms import inference_chain
+    from medda.inference import Predictor
+    from medda.runtime import Runtime
+
+    cfg = _run_config(card_path, threads, device)
+    runtime = Runtime.setup(cfg)
+    medda_default, data_cfg, *_ = api._predictor_for(checkpoint, cfg, runtime)  # exactly `medda predict`'s predictor
+    medda_monai_windows = Predictor.on(runtime, medda_default.model, data_cfg,
+                                       cfg.inference.model_copy(update=MONAI_WINDOWS), cfg.train.channels_last)
+    monai_inferer = _monai_defaults(medda_default)
+    model = medda_default.model
+
+    @torch.no_grad()
+    def monai_probabilities(image: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(monai_inferer(image.to(runtime.device), model), dim=1)
+
+    variants = {"MONAI defaults": monai_probabilities, "medda defaults": medda_default.probabilities,
+                "medda, MONAI windows": medda_monai_windows.probabilities}
+    card = load_card(card_path)
+    cases = read_cases(DatasetRef(path=images, split=split), card, str(card_path))[:limit]
+    chain = inference_chain(card, data_cfg, False, str(card_path))
+    seconds = dict.fromkeys(variants, 0.0)
+    agreement: dict[str, list[float]] = {name: [] for name in variants}
+    for index, case in enumerate(cases):
+        image = torch.as_tensor(chain({"id": case["id"], "image": case["image"]})["image"][None]).float()
+        labels = {}
+        for name, probabilities in variants.items():
+            if index == 0:
+                probabilities(image)  # warm-up: allocations, oneDNN kernel selection
+            start = time.perf_counter()
+            labels[name] = probabilities(image).argmax(dim=1)[0].cpu()
+            seconds[name] += time.perf_counter() - start
+        for name, label in labels.items():
+            dice = metrics.dice_scores(label, labels["MONAI defaults"], range(1, card.num_classes))
+            agreement[name].append(float(np.nanmean(dice)) if not np.isnan(dice).all() else 1.0)
+    return {
+        "cases": len(cases), "threads": torch.get_num_threads(), "amp": str(runtime.amp),
+        "windows": {"medda defaults": cfg.inference.model_dump(include={"overlap", "blend", "sw_batch_size", "tta_flips"}),
+                    "MONAI defaults": MONAI_WINDOWS},
+        "variants": {name: {"seconds": seconds[name], "speedup_over_monai": seconds["MONAI defaults"] / seconds[name],
+                            "agreement_dice": float(np.mean(agreement[name]))} for name in variants},
+    }
+
+
+def peak_rss(checkpoint: Path, card_path: Path, shape: tuple[int, int, int], threads: int, device: str) -> dict:
+    """Peak resident memory of medda's predict path on one synthetic volume of `shape` voxels (fresh process)."""
+    args = json.dumps([str(checkpoint), str(card_path), list(shape), threads, device])
+    out = subprocess.run([sys.executable, __file__, "--rss-worker", args], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def rss_worker(checkpoint: str, card_path: str, shape: list[int], threads: int, device: str) -> dict:
+    import resource
+
+    import nibabel as nib
+    import numpy as np
+
+    from medda import api
+    from medda.data.cards import load_card
+    from medda.data.transforms import inference_chain
+    from medda.inference import predict_cases
+    from medda.runtime import Runtime
+
+    cfg = _run_config(Path(card_path), threads, device)
+    runtime = Runtime.setup(cfg)
+    predictor, data_cfg, *_ = api._predictor_for(Path(checkpoint), cfg, runtime)
+    card = load_card(card_path)
+    spacing = data_cfg.spacing or card.spacing or [1.0, 1.0, 1.0]  # the model's grid: no resampling changes the size
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.nii"  # uncompressed: gzip of 300 MB of noise is slow
+        volume = np.random.default_rng(0).random(shape, dtype=np.float32)
+        nib.save(nib.Nifti1Image(volume, np.diag([*spacing, 1.0])), path)
+        del volume
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        chain = inference_chain(card, data_cfg, False, card_path)
+        label = next(predict_cases(predictor, [{"id": "synthetic", "image": str(path)}], chain, progress=False)).label
+        seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"shape": list(shape), "label_shape": list(label.shape), "seconds": seconds,
+            "peak_rss_gib": peak / 2**20, "rss_before_predict_gib": before / 2**20}
+
+
+def quick_inputs(tmp: Path) -> tuple[Path, Path, Path, str]:
+    """A random tiny 3D model saved as a medda checkpoint, and three phantom test volumes (self-check only)."""
+    import torch
+
+    from medda.config import ModelConfig
+    from medda.data.cards import load_card
+    from medda.data.phantoms import write_phantom_dataset
+    from medda.models.factory import build_model, save_checkpoint
+
+    card_path = Path(__file__).resolve().parents[1] / "data_cards" / "phantom_site_a.yaml"
+    card = load_card(card_path)
+    write_phantom_dataset(tmp / "phantoms", sites=("A",), cases_per_site=3)
+    model_cfg = ModelConfig(channels=[8, 16, 32])
+    torch.manual_seed(0)
+    model = build_model(model_cfg, 3, card.num_classes)
+    meta = {"model": model_cfg.model_dump(mode="json"), "spatial_dims": 3, "num_classes": card.num_classes,
+            "class_names": card.class_names, "method": "random (self-check)",
+            "data": {"mode": "3d", "slice_axis": 2, "patch_size": [32, 32, 16], "spacing": None, "foreground_crop": True}}
+    checkpoint = save_checkpoint(tmp / "random.pt", model, meta)
+    return checkpoint, card_path, tmp / "phantoms" / "A" / "datalist.json", "test"
+
+
+def machine() -> dict:
+    import torch
+
+    from medda.runtime import cpu_has_bf16
+
+    return {"cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_units": cpu_has_bf16(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="medda checkpoint (.pt)")
+    parser.add_argument("--card", type=Path, help="data card of the images")
+    parser.add_argument("--images", type=Path, help="decathlon JSON, nnU-Net dataset or image folder")
+    parser.add_argument("--split", help="datalist key or card split (default: every case)")
+    parser.add_argument("--limit", type=int, help="first N cases only")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--rss-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
+    parser.add_argument("--quick", action="store_true", help="self-check on a random tiny model; writes nothing")
+    parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_worker:
+        print(json.dumps(rss_worker(*json.loads(args.rss_worker))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            args.checkpoint, args.card, args.images, args.split = quick_inputs(Path(tmp))
+            args.rss_shape = [64, 64, 30]
+        elif not (args.checkpoint and args.card and args.images):
+            parser.error("--checkpoint, --card and --images are required (or --quick)")
+        result = {"machine": machine(), "checkpoint": str(args.checkpoint), "images": str(args.images),
+                  "comparison": compare(args.checkpoint, args.card, args.images, args.split, args.limit, args.threads,
+                                        args.device),
+                  "peak_rss": peak_rss(args.checkpoint, args.card, tuple(args.rss_shape), args.threads, args.device)}
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+
+    m, c, r = result["machine"], result["comparison"], result["peak_rss"]
+    print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}, torch {m['torch']}; "
+          f"{c['cases']} cases, {c['threads']} threads, medda autocast {c['amp']}\n")
+    print("| variant | seconds | speed-up over MONAI defaults | agreement with MONAI defaults (Dice) |")
+    print("|---|---|---|---|")
+    for name, v in c["variants"].items():
+        print(f"| {name} | {v['seconds']:.2f} | {v['speedup_over_monai']:.2f}x | {v['agreement_dice']:.4f} |")
+    print(f"\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
+          f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; {r['seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Cases -> MONAI datasets and batch streams: the one place that turns a data card and a data config into batches.
+
+`Data.stream` draws endless random training batches (labelled or unlabelled chains); `Data.full_pass` gives every
+target slice (2D) or every grid patch (3D) exactly once, in a fixed order, for statistic estimators (AdaBN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import GridPatchd, ResizeWithPadOrCropd
+
+from medda.config import DataConfig, DatasetRef
+from medda.data.cards import DataCard, load_card
+from medda.data.datalist import read_cases
+from medda.data.transforms import inference_chain, labeled_train_chain, unlabeled_train_chain
+from medda.errors import MeddaError
+
+
+@dataclass
+class Data:
+    card: DataCard
+    card_path: str
+    config: DataConfig
+
+    @classmethod
+    def load(cls, config: DataConfig) -> Data:
+        return cls(load_card(config.card), str(config.card), config)
+
+    def cases(self, ref: DatasetRef | None, role: str) -> list[dict]:
+        if ref is None:
+            raise MeddaError(f"config: field 'data.{role}' is required for this command")
+        return read_cases(ref, self.card, self.card_path)
+
+    def dataset(self, cases: list[dict], chain) -> Dataset:
+        if self.config.cache:
+            return CacheDataset(cases, chain, cache_rate=1.0, num_workers=0, progress=False)
+        return Dataset(cases, chain)
+
+    def stream(self, cases: list[dict], labeled: bool, batch_size: int, seed: int) -> tuple[Iterator[dict], int]:
+        """An endless iterator of training batches and the number of batches in one pass."""
+        if labeled:
+            chain = labeled_train_chain(self.card, self.config, self.card_path)
+        else:
+            cases = unlabeled(cases)
+            chain = unlabeled_train_chain(self.card, self.config, self.card_path)
+        dataset = self.dataset(cases, chain)
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = min(batch_size, len(dataset))
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
+            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
+        )
+
+        def endless() -> Iterator[dict]:
+            while True:
+                yield from loader
+
+        return endless(), len(loader)
+
+    def full_pass(self, cases: list[dict], batch_images: int) -> tuple[Iterator[dict], int]:
+        """Every slice (2D) or grid patch (3D) of every case once, in case order, as {"image": (B, 1, *patch)}.
+
+        Images are cut to the training geometry: 2D slices centre-padded/cropped to `patch_size`, 3D volumes
+        padded and tiled into non-overlapping `patch_size` patches. Batches hold `batch_images` images and never
+        mix cases; the last batch of a case may be smaller (nothing is dropped).
+        """
+        chain = inference_chain(self.card, self.config, False, self.card_path)
+        batches: list[dict] = []
+        for case in unlabeled(cases):
+            images = tiles(chain(case)["image"].as_tensor(), self.config)
+            for start in range(0, images.shape[0], batch_images):
+                batches.append({"image": torch.as_tensor(images[start : start + batch_images]).float()})
+        if not batches:
+            raise MeddaError("config: the target cases hold no image to adapt on")
+
+        def once_then_repeat() -> Iterator[dict]:
+            while True:
+                yield from batches
+
+        return once_then_repeat(), len(batches)
+
+
+def tiles(volume: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """A preprocessed (C, X, Y, Z) volume cut into the training geometry: (N, C, *patch_size).
+
+    2D: every slice along `slice_axis`, centre-padded with zeros or centre-cropped to the patch; 3D: the volume
+    zero-padded to whole patches and tiled without overlap. The same tiling measures class priors
+    (`medda.data.priors`) and the label-free monitor's predicted ratios, so both are measured the same way.
+    """
+    patch = list(data.patch_size)
+    if data.mode == "2d":
+        slices = torch.movedim(torch.as_tensor(volume), data.slice_axis + 1, 0)  # (S, C, h, w)
+        fit = ResizeWithPadOrCropd("image", patch)
+        return torch.stack([torch.as_tensor(fit({"image": s})["image"]) for s in slices])
+    grid = GridPatchd("image", patch, pad_mode="constant")({"image": torch.as_tensor(volume)})["image"]
+    return torch.as_tensor(grid)
+
+
+def unlabeled(cases: list[dict]) -> list[dict]:
+    """The cases without their label paths: an unlabelled stream can never read a label."""
+    return [{"id": c["id"], "image": c["image"]} for c in cases]

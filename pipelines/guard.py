@@ -1,0 +1,42 @@
+"""The command line's one error guard: a user mistake prints one line and exits 2; an internal bug keeps its traceback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import typer
+
+from medda.errors import MeddaError
+
+
+def user_error(err: BaseException | None) -> str | None:
+    """The MeddaError message inside `err` (MONAI wraps transform errors), or None for internal bugs."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MeddaError):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run_guarded(action: Callable[[], int | None], on_user_error: Callable[[], None] | None = None) -> None:
+    """Run a command's body; exit with the status it returns (0 or None: success).
+
+    On a user error, call `on_user_error` (e.g. remove half-written outputs), print `medda: error: MESSAGE` on
+    stderr and exit 2.
+    """
+    try:
+        code = action()
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
+        message = user_error(err)
+        if message is None:
+            raise
+        if on_user_error is not None:
+            on_user_error()
+        typer.echo(f"medda: error: {message}", err=True)
+        raise typer.Exit(2) from None
+    if code:
+        raise typer.Exit(code)

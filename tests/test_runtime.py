@@ -1,0 +1,131 @@
+"""Runtime: usable CPUs from the affinity mask and cgroup quotas, the thread policy, and Runtime.setup."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medda import runtime
+from medda.config import RunConfig
+from medda.runtime import Runtime, apply_threads, cgroup_cpu_limit, intra_op_threads, usable_cpus
+
+FOUR_CPUS = {0, 1, 2, 3}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def four_cpus(monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: FOUR_CPUS, raising=False)
+
+
+def _cgroup_v2(tmp_path: Path, cpu_max: dict[str, str], member: str = "/job/step") -> tuple[Path, Path]:
+    """A fake cgroup v2 tree: {relative dir: cpu.max content}, and a membership file placing us in `member`."""
+    root = tmp_path / "cgroup"
+    for relative, content in cpu_max.items():
+        (root / relative).mkdir(parents=True, exist_ok=True)
+        (root / relative / "cpu.max").write_text(content + "\n")
+    membership = tmp_path / "self_cgroup"
+    membership.write_text(f"0::{member}\n")
+    return root, membership
+
+
+def _cgroup_v1(tmp_path: Path, quota: int, period: int = 100_000) -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    directory = root / "cpu,cpuacct" / "docker" / "abc"
+    directory.mkdir(parents=True)
+    (directory / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (directory / "cpu.cfs_period_us").write_text(f"{period}\n")
+    membership = tmp_path / "self_cgroup"
+    membership.write_text("5:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/\n")
+    return root, membership
+
+
+def test_cgroup_v2_quota_of_the_process_cgroup(tmp_path, four_cpus):
+    root, membership = _cgroup_v2(tmp_path, {"job/step": "150000 100000", "job": "max 100000", "": "max 100000"})
+    assert cgroup_cpu_limit(root, membership) == pytest.approx(1.5)
+    assert usable_cpus(root, membership) == 1  # 1.5 CPUs: a second thread would be throttled
+
+
+def test_cgroup_v2_the_tightest_ancestor_wins(tmp_path, four_cpus):
+    root, membership = _cgroup_v2(tmp_path, {"job/step": "max 100000", "job": "200000 100000"})
+    assert cgroup_cpu_limit(root, membership) == pytest.approx(2.0)
+    assert usable_cpus(root, membership) == 2
+
+
+def test_cgroup_v1_cfs_quota(tmp_path, four_cpus):
+    root, membership = _cgroup_v1(tmp_path, quota=300_000)
+    assert cgroup_cpu_limit(root, membership) == pytest.approx(3.0)
+    assert usable_cpus(root, membership) == 3
+
+
+def test_no_quota_leaves_the_affinity_mask(tmp_path, four_cpus):
+    root, membership = _cgroup_v1(tmp_path, quota=-1)
+    assert cgroup_cpu_limit(root, membership) is None
+    assert usable_cpus(root, membership) == 4
+    assert usable_cpus(tmp_path / "missing", tmp_path / "missing_membership") == 4
+
+
+def test_a_quota_above_the_affinity_mask_does_not_add_cpus(tmp_path, four_cpus):
+    root, membership = _cgroup_v2(tmp_path, {"job/step": "800000 100000"})
+    assert usable_cpus(root, membership) == 4
+
+
+def test_a_tiny_quota_still_gives_one_cpu(tmp_path, four_cpus):
+    root, membership = _cgroup_v2(tmp_path, {"job/step": "20000 100000"})
+    assert usable_cpus(root, membership) == 1
+
+
+def test_automatic_threads_stay_within_the_usable_cpus():
+    threads = intra_op_threads(None)
+    assert 1 <= threads <= usable_cpus()
+    assert apply_threads(None) == threads == torch.get_num_threads()
+
+
+def test_automatic_threads_follow_the_quota(monkeypatch, four_cpus):
+    monkeypatch.setattr(runtime, "cgroup_cpu_limit", lambda *args: 2.0)
+    assert intra_op_threads(None) == 2
+
+
+def test_explicit_threads_are_honoured():
+    assert intra_op_threads(3) == 3
+    assert apply_threads(1) == 1 and torch.get_num_threads() == 1
+
+
+def test_runtime_setup_applies_the_config(tmp_path):
+    cfg = RunConfig.model_validate(
+        {"data": {"card": str(tmp_path / "card.yaml")}, "train": {"threads": 1, "device": "cpu", "amp": "off"}}
+    )
+    rt = Runtime.setup(cfg)
+    assert rt == Runtime(torch.device("cpu"), None, 1)
+    assert torch.get_num_threads() == 1
+
+
+def test_importing_medda_makes_the_openmp_wait_passive_unless_the_user_chose():
+    """The variable must be in the environment before torch loads (OpenMP reads it once)."""
+    code = "import os, medda, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+
+
+def test_runtime_sits_below_every_stage_that_computes():
+    """The engine, inference and benchmarks import the runtime, so it imports no medda module but the config."""
+    tree = ast.parse(Path(runtime.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m and m.startswith("medda")} == {"medda.config"}

@@ -1,0 +1,215 @@
+"""Semi-supervised domain adaptation on phantoms: start `train` from a source model, few labels at the new site.
+
+A small 3D UNet is trained on phantom site A (the source model). Site B (shifted contrast, bias, noise, spacing)
+is the new site: ONE labelled training case, the other training cases unlabelled, three test cases. BCP started
+from the source checkpoint must beat the source model on B's test cases. Around it: the preprocessing and network
+come from the checkpoint, the run records its source, a class-count mismatch, a test set that overlaps the
+labelled or validation cases are refused in one line, and without validation cases the checkpoint is selected by
+the few-label rule (the last one of the fixed budget) without reading a test image.
+
+Measured with exactly this test (CPU, fp32; BCP train.seed 0-3 via MEDDA_SSDA_SEED), mean B test Dice over
+ring/blob/rv: source model 0.231; BCP from source 0.428 / 0.367 / 0.384 / 0.460 (gain >= 0.136). MARGIN leaves
+room for thread/CPU nondeterminism. Runtime: about 25 s for the whole file on one free core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.data.image_reader import NibabelReader
+
+from medda import api
+from medda.config import load_config
+from medda.data.phantoms import write_phantom_dataset
+from medda.errors import MeddaError
+from medda.models.factory import read_checkpoint
+from medda.tracking import NullTracker
+from pipelines.ssl import run_ssl_with_twin
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+CARD_A = REPO / "data_cards" / "phantom_site_a.yaml"
+CARD_B = REPO / "data_cards" / "phantom_site_b.yaml"
+FOV = (60.0, 60.0, 48.0)  # site A: 40 x 40 x 16 voxels, site B: 48 x 48 x 12
+TINY = ["train.threads=1", "train.amp=off", "model.channels=[8,16,32]", "data.patch_size=[32,32,16]",
+        "inference.sw_batch_size=2", "tracking.enabled=false"]
+SSDA_ITERATIONS = 40
+# BCP from the source model with one labelled B case must exceed the source model's B test Dice by this much.
+MARGIN = 0.08
+
+
+class RecordingTracker(NullTracker):
+    """Records the run tags and the dataset contexts instead of sending them to MLflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[str, str] = {}
+        self.contexts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def run(self, name, tags=None, nested=False):
+        self.tags.update(tags or {})
+        yield self
+
+    def log_dataset(self, name, digest, source, context, tags=None, cases=None):
+        if cases:  # case lists, not the data card
+            self.contexts[context] = len(cases)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ssda")
+    a = write_phantom_dataset(root / "a", ("A",), cases_per_site=5, seed=1, fov_mm=FOV)  # 3 train / 1 val / 1 test
+    b = write_phantom_dataset(root / "b", ("B",), cases_per_site=8, seed=2, fov_mm=FOV,
+                              split=(0.5, 0.125, 0.375))  # 4 train / 1 val / 3 test
+    return {"A": a / "A" / "datalist.json", "B": b / "B" / "datalist.json"}
+
+
+@pytest.fixture(scope="module")
+def source(sites, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("source")
+    cfg = load_config(REPO / "configs" / "phantom_source.yaml", [
+        f"data.card={CARD_A}", *[f"data.{r}.path={sites['A']}" for r in ("train", "val", "test")],
+        "train.iterations=60", "train.val_every=30", *TINY, f"output_dir={out}",
+    ])
+    return api.train(cfg).checkpoint
+
+
+def _target_cfg(sites: dict[str, Path], source: Path | None, out: Path, method: str, extra: list[str] = ()):
+    datalist = sites["B"]
+    return load_config(REPO / "configs" / "phantom_ssl.yaml", [
+        f"data.card={CARD_B}",
+        f"data.train={{path: '{datalist}', split: training, limit: 1}}",
+        f"data.unlabeled={{path: '{datalist}', split: training}}",
+        "data.val=null",
+        f"data.test={{path: '{datalist}', split: test}}",
+        *([f"source_checkpoint={source}"] if source else []),
+        f"method.name={method}", "method.options={}",
+        f"train.iterations={SSDA_ITERATIONS}", f"train.val_every={SSDA_ITERATIONS}", *TINY, f"output_dir={out}",
+        *extra,
+    ])
+
+
+def _test_dice(checkpoint: Path, cfg, out: Path) -> float:
+    return api.evaluate(checkpoint, cfg.model_copy(update={"output_dir": out})).summary["dice/mean"]
+
+
+@pytest.mark.slow
+def test_bcp_from_source_with_one_label_beats_the_source_model(sites, source, tmp_path):
+    cfg = _target_cfg(sites, source, tmp_path / "bcp", "bcp", ["data.augment=false", "data.patch_size=[24,24,8]",
+                                                               f"method.options.pretrain_iterations={SSDA_ITERATIONS // 4}",
+                                                               f"train.seed={os.environ.get('MEDDA_SSDA_SEED', '0')}"])
+    tracker = RecordingTracker()
+    result = api.train(cfg, tracker=tracker)
+
+    meta = read_checkpoint(result.checkpoint)["meta"]
+    source_meta = read_checkpoint(source)["meta"]
+    # The network and the preprocessing geometry are the source model's (patch 32x32x16, not the recipe's 24x24x8).
+    assert meta["model"] == source_meta["model"] and meta["data"] == source_meta["data"]
+    assert meta["source_card"]["name"] == "phantom_site_a" and meta["adapted_to"] == "phantom_site_b"
+    assert tracker.tags["source.checkpoint"] == str(source) and tracker.tags["source_free"] == "false"
+    assert tracker.contexts == {"train-labeled": 1, "train-unlabeled": 3}
+    # No validation cases: the few-label rule keeps the last checkpoint of the budget.
+    assert result.selection == "last" and result.checkpoint == result.last
+    source_dice = _test_dice(source, cfg, tmp_path / "eval_source")
+    bcp_dice = _test_dice(result.checkpoint, cfg, tmp_path / "eval_bcp")
+    print(f"B test Dice: source {source_dice:.3f}, BCP from source {bcp_dice:.3f}")
+    assert bcp_dice >= source_dice + MARGIN, f"B test Dice: source {source_dice:.3f}, BCP from source {bcp_dice:.3f}"
+
+
+def test_teacher_starts_from_the_source_weights(sites, source, tmp_path, monkeypatch):
+    built = {}
+    original = api._build_method
+
+    def spy(cfg, model, context):
+        built["method"] = original(cfg, model, context)
+        raise MeddaError("stop after building the method")
+
+    monkeypatch.setattr(api, "_build_method", spy)
+    with pytest.raises(MeddaError, match="stop after"):
+        api.train(_target_cfg(sites, source, tmp_path, "mean_teacher"))
+    weights = read_checkpoint(source)["state_dict"]
+    teacher = built["method"].teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in weights.items())
+
+
+def test_fine_tune_is_recorded_as_target_labelled(sites, source, tmp_path):
+    tracker = RecordingTracker()
+    cfg = _target_cfg(sites, source, tmp_path, "finetune_fewshot", ["train.iterations=2", "train.val_every=2"])
+    result = api.train(cfg, tracker=tracker)
+    assert tracker.contexts == {"target-labeled": 1}
+    assert tracker.tags["parent.run_id"] == tracker.tags["source.run_id"]
+    assert tracker.tags["checkpoint.policy"] == "last" and result.checkpoint.name == "last.pt"
+
+
+def test_train_ssl_from_source_evaluates_the_source_its_fine_tune_and_the_ssl_run(sites, source, tmp_path):
+    echoed: list[str] = []
+    cfg = _target_cfg(sites, source, tmp_path, "mean_teacher", ["train.iterations=2", "train.val_every=2"])
+    results = run_ssl_with_twin(cfg, [], echoed.append)
+    assert set(results) == {"supervised", "mean_teacher"}
+    # No data.val: one checkpoint per run (the last), evaluated once, next to the untouched source model.
+    heads = [text.strip().split(",")[0] for text in echoed]
+    assert heads == ["source (no training", "supervised (last", "mean_teacher (last"]
+
+
+def test_selection_without_validation_never_reads_the_test_cases(sites, tmp_path, monkeypatch):
+    opened: list[str] = []
+    original = NibabelReader.read
+
+    def spy(self, data, **kwargs):
+        opened.extend(str(n) for n in (data if isinstance(data, (list, tuple)) else [data]))
+        return original(self, data, **kwargs)
+
+    monkeypatch.setattr(NibabelReader, "read", spy)
+    cfg = _target_cfg(sites, None, tmp_path, "supervised", ["train.iterations=2", "train.val_every=1"])
+    result = api.train(cfg)
+    assert result.selection == "last" and result.checkpoint == result.last and result.loop.best_iteration == -1
+    test_images = {Path(c["image"]).name for c in api.Data.load(cfg.data).cases(cfg.data.test, "test")}
+    assert opened and not test_images & {Path(f).name for f in opened}
+
+
+def test_few_label_selection_rule():
+    assert api.few_label_selection("val_dice", has_val=True) == "val_dice"
+    assert api.few_label_selection("last", has_val=True) == "last"
+    assert api.few_label_selection("val_dice", has_val=False) == "last"
+    with pytest.raises(MeddaError, match="train.select_by' is label_free"):
+        api.few_label_selection("label_free", has_val=True)
+
+
+@pytest.mark.parametrize("field", ["train", "val"])
+def test_test_set_overlapping_labelled_or_validation_cases_is_refused(sites, tmp_path, field):
+    datalist = sites["B"]
+    cfg = _target_cfg(sites, None, tmp_path, "supervised", [
+        f"data.{field}={{path: '{datalist}', split: test, limit: 1}}",
+    ])
+    with pytest.raises(MeddaError, match=f"data.{field} and data.test share 1 case") as err:
+        api.train(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "last.pt").exists()  # refused before any training
+
+
+def test_refuse_overlap_matches_ids_and_image_files(tmp_path):
+    a, b = {"id": "x", "image": str(tmp_path / "x.nii.gz")}, {"id": "y", "image": str(tmp_path / "y.nii.gz")}
+    api._refuse_overlap([a], [b], "train")  # disjoint: accepted
+    api._refuse_overlap([a], [], "train")
+    with pytest.raises(MeddaError, match="data.train and data.test share 1 case"):
+        api._refuse_overlap([a], [{"id": "other", "image": a["image"]}], "train")  # the same file under another id
+    with pytest.raises(MeddaError, match=r"share 1 case\(s\) \(x\)"):
+        api._refuse_overlap([a, b], [{"id": "x", "image": str(tmp_path / "copy.nii.gz")}], "train")
+
+
+def test_class_count_mismatch_is_refused(sites, source, tmp_path):
+    card = yaml.safe_load(CARD_B.read_text())
+    card["labels"] = card["labels"][:3]  # background, ring, blob: 3 classes against the source model's 4
+    card_path = tmp_path / "three_classes.yaml"
+    card_path.write_text(yaml.safe_dump(card))
+    cfg = _target_cfg(sites, source, tmp_path / "out", "bcp", [f"data.card={card_path}"])
+    with pytest.raises(MeddaError, match="maps to 3 classes but the source model predicts 4") as err:
+        api.train(cfg)
+    assert str(card_path) in str(err.value) and "\n" not in str(err.value)
