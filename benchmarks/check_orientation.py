@@ -88,7 +88,7 @@ def effect_on_model(checkpoint: Path) -> dict:
     from medda import api
     from medda.config import load_config
 
-    card = (REPO / "data_cards" / "mscmr_bssfp.yaml").read_text()
+    card = (REPO / "data_cards" / "mscmr_bssfp.yaml").read_text(encoding="utf-8")
     variants = {
         "RAS (before the fix)": card.replace("orientation: native", "orientation: RAS").replace(
             "inplane_rot90: 1", "inplane_rot90: 0"

@@ -161,7 +161,7 @@ class Bench:
         path = self.state_dir / f"{name}.json"
         if path.is_file():
             log(f"{name}: done before, loading {path.relative_to(REPO)}")
-            return json.loads(path.read_text())
+            return json.loads(path.read_text(encoding="utf-8"))
         log(f"{name}: start")
         with Clock() as clock:
             result = fn()
@@ -556,7 +556,7 @@ def main() -> int:
         "wall_s": round(time.perf_counter() - started, 1),
         "cpu_s": round(time.process_time() - cpu0, 1),
     }
-    stages = [json.loads(p.read_text()) for p in sorted(bench.state_dir.glob("*.json"))]
+    stages = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(bench.state_dir.glob("*.json"))]
     results["total_stage_wall_s"] = round(sum(s.get("wall_s", 0) for s in stages), 1)
     results["total_stage_cpu_s"] = round(sum(s.get("cpu_s", 0) for s in stages), 1)
     add_paired(results)
@@ -691,24 +691,53 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def replay_rule(history: list[dict], collapse: str, cfg) -> tuple[int | None, bool]:
+    """The recommendation rule of `cfg` (a SelectionConfig) re-applied to a recorded label-free history.
+
+    Returns (chosen iteration or None, recommended). A collapsed run's last check is the collapsed one: excluded.
+    """
+    from medda.selection import score
+
+    checks = history[1:-1] if collapse else history[1:]
+    chosen = max(checks, key=lambda h: score(h, cfg), default=None)
+    if chosen is None:
+        return None, False
+    return chosen["iteration"], score(chosen, cfg) - score(history[0], cfg) > cfg.margin
+
+
 def audit_lines(r: dict) -> list[str]:
-    """Label-free score vs true Dice for every validated checkpoint: rank correlation and the rule's choice."""
-    lines = ["", "**Label-free score vs true Dice, every validated checkpoint** (iteration 0 = the source model; "
-             "Spearman rank correlation within each run; 'rule' = Dice of the model the rule recommends, 'best' = "
-             "the best Dice among the run's checkpoints, source included)", "",
-             "| setting | checkpoints | Spearman(score, Dice) | rule Dice | best Dice | source Dice | rule - source "
-             "| best - rule |", "|" + "---|" * 8]
+    """Label-free score vs true Dice for every validated checkpoint: rank correlation and the rule's choice.
+
+    The rule is replayed with medda's current `selection` defaults on the recorded statistics, so the table shows
+    what `medda adapt` recommends today even for runs recorded under an earlier default.
+    """
+    from medda.config import SelectionConfig
+
+    cfg = SelectionConfig()
+    lines = ["", f"**Label-free score vs true Dice, every validated checkpoint** (iteration 0 = the source model; "
+             f"score = flip consistency - {cfg.kl_weight:g} x prior KL, medda's default, replayed on the recorded "
+             "statistics; Spearman rank correlation within each run; 'rule' = Dice of the model the rule "
+             "recommends, 'best' = the best Dice among the run's checkpoints, source included)", "",
+             "| setting | checkpoints | Spearman(score, Dice) | rule: it, verdict | rule Dice | best Dice | source Dice "
+             "| rule - source | best - rule |", "|" + "---|" * 9]
     pooled_s, pooled_d = [], []
     for name, a in r.get("adapt", {}).items():
         rows = a.get("checkpoint_audit") or []
         if not rows:
             continue
-        scores, dice = [row["score"] for row in rows], [row["true_dice"] for row in rows]
+        from medda.selection import score
+
+        by_it = {h["iteration"]: h for h in a["label_free_history"]}
+        scores = [score(by_it[row["iteration"]], cfg) for row in rows]
+        dice = [row["true_dice"] for row in rows]
         pooled_s += scores
         pooled_d += dice
-        source = next((row["true_dice"] for row in rows if row["iteration"] == 0), math.nan)
-        used = a["used_model_dice"]
-        lines.append(f"| {name} | {len(rows)} | {spearman(scores, dice):.2f} | {100 * used:.1f} | "
+        true = {row["iteration"]: row["true_dice"] for row in rows}
+        source = true.get(0, math.nan)
+        it, recommended = replay_rule(a["label_free_history"], a["collapse"], cfg)
+        used = true.get(it, math.nan) if recommended else source
+        verdict = f"{it}, {'use adapted' if recommended else 'keep source'}"
+        lines.append(f"| {name} | {len(rows)} | {spearman(scores, dice):.2f} | {verdict} | {100 * used:.1f} | "
                      f"{100 * max(dice):.1f} | {100 * source:.1f} | {100 * (used - source):+.1f} | "
                      f"{100 * (max(dice) - used):.1f} |")
     lines += ["", f"Pooled over all runs' checkpoints: Spearman {spearman(pooled_s, pooled_d):.2f} "

@@ -45,7 +45,7 @@ def largest_component_eval() -> None:
     from medda.config import load_config
 
     for path in sorted(RESULTS.glob("acdc_ssl_*.json")):
-        r = json.loads(path.read_text())
+        r = json.loads(path.read_text(encoding="utf-8"))
         if "best_on_val_lcc" in r["eval"]:
             continue
         out = OUT / path.stem.removeprefix("acdc_ssl_")
@@ -120,7 +120,7 @@ def _method(r: dict) -> str:
 
 def _results() -> list[dict]:
     order = {"supervised": 0, "mean_teacher": 1, "bcp": 2}
-    found = [json.loads(p.read_text()) for p in RESULTS.glob("acdc_ssl_*.json")]
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in RESULTS.glob("acdc_ssl_*.json")]
     return sorted(found, key=lambda r: (r["labeled_patients"], r["iterations"], r.get("seed", 0), order[r["method"]]))
 
 

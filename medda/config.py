@@ -148,7 +148,10 @@ class SelectionConfig(Strict):
     """Settings of the label-free checkpoint choice and recommendation (run config section `selection`)."""
 
     cases: int = Field(6, ge=1, description="Target volumes scored at every check (a fixed, label-free subset).")
-    kl_weight: float = Field(0.1, ge=0, description="Weight of the prior KL in the label-free score.")
+    kl_weight: float = Field(
+        1.0, ge=0, description="Weight of the prior KL in the label-free score (1: flip consistency and the KL to the "
+        "source model's measured prior count equally; chosen on the bSSFP -> LGE development images, BENCHMARKS.md)."
+    )
     margin: float = Field(0.005, ge=0, description="Score gain over the source model needed to recommend adapting.")
     vanish_fraction: float = Field(0.1, gt=0, lt=1, description="A class below this fraction of its reference ratio vanished.")
     min_entropy: float = Field(1e-3, ge=0, description="Entropy below this with rising KL counts as collapse.")
@@ -247,7 +250,7 @@ def load_raw(path: Path | str) -> dict:
     if not path.is_file():
         raise MeddaError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise MeddaError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):

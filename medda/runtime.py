@@ -31,7 +31,7 @@ CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
 # ------------------------------------------------------------------------------------------------ CPUs
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
+        return path.read_text(encoding="utf-8").strip()
     except OSError:
         return None
 

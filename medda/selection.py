@@ -12,7 +12,8 @@ Statistics over a fixed subset of target volumes (no labels anywhere), docs/meth
   averaged over foreground classes (a model that understands the anatomy is equivariant to flips);
 - BN statistic drift: mean |mu_t - mu_s| / sqrt(var_s + eps) over batch-norm channels vs the source model.
 
-The label-free selection rule: score = flip_consistency - kl_weight * prior_kl (KL only when a prior is known).
+The label-free selection rule: score = flip_consistency - kl_weight * prior_kl (kl_weight 1; KL only when a prior is
+known). The KL is what vetoes implausible structure sizes: over-segmenting models are often *more* flip-consistent.
 The source model is scored first (iteration 0) with the same rule; a checkpoint is chosen only if it is not
 collapsed and beats the source's score by `margin`, otherwise the source model is recommended.
 

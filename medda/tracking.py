@@ -494,7 +494,7 @@ class TrackingStore:
 
         with tempfile.TemporaryDirectory(prefix="medda-artifact-") as tmp:
             local = self.download(run_id, path, Path(tmp))
-            return local.read_text() if local and local.is_file() else None
+            return local.read_text(encoding="utf-8") if local and local.is_file() else None
 
     def read_json(self, run_id: str, path: str) -> Any:
         text = self.read_text(run_id, path)

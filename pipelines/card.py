@@ -37,7 +37,7 @@ def measure_card_stats(
         raw = card.model_dump(mode="json")
         raw["class_stats"] = stats
         type(card).model_validate(raw)  # refuse to write a card that would not load
-        card_path.write_text(_with_class_stats(card_path.read_text(), stats))
+        card_path.write_text(_with_class_stats(card_path.read_text(encoding="utf-8"), stats))
         echo(f"wrote class_stats into {card_path} (digest now {load_card(card_path).digest()})")
     return stats
 

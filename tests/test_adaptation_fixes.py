@@ -49,14 +49,18 @@ def image_batch(b: int = 4, seed: int = 1) -> dict:
 
 
 # ----------------------------------------------------------------------- priors measured the way methods see images
-def test_tiles_pad_small_slices_to_the_patch_and_cut_3d_grids():
+def test_tiles_pad_small_images_and_cover_large_ones_with_inference_windows():
     volume = torch.zeros(1, 4, 4, 3)
     volume[0, :2, :2, :] = 1
     data2d = DataConfig(card="c.yaml", mode="2d", patch_size=[8, 8], slice_axis=2)
     t = tiles(volume, data2d)
     assert t.shape == (3, 1, 8, 8) and float(t[0].sum()) == 4  # zero-padded, nothing lost
     data3d = DataConfig(card="c.yaml", mode="3d", patch_size=[4, 4, 4])
-    assert tiles(torch.zeros(1, 8, 4, 6), data3d).shape == (4, 1, 4, 4, 4)  # 2 x 1 x 2 patches, padded
+    # 8 x 4 x 6: two windows along x (0, 4), one along y, two along z (0, 2: overlapping, no padding added)
+    ramp = torch.arange(6.0).view(1, 1, 1, 6).expand(1, 8, 4, 6)
+    t3 = tiles(ramp, data3d)
+    assert t3.shape == (4, 1, 4, 4, 4)
+    assert t3[0, 0, 0, 0].tolist() == [0, 1, 2, 3] and t3[1, 0, 0, 0].tolist() == [2, 3, 4, 5]
 
 
 def test_prior_counts_the_padded_patch_area_and_marginal_includes_empty_images():
@@ -128,9 +132,11 @@ def test_full_pass_visits_every_slice_once_in_order(tmp_path):
     from medda.data.transforms import inference_chain
 
     chain = inference_chain(data.card, cfg.data, False)
-    slices = sum(int(chain({"image": c["image"]})["image"].shape[3]) for c in cases)
-    assert sum(b["image"].shape[0] for b in batches) == slices  # nothing dropped, nothing repeated
-    assert all(b["image"].shape[1:] == (1, 32, 32) for b in batches)
+    volumes = [chain({"image": c["image"]})["image"] for c in cases]
+    expected = torch.cat([tiles(v, cfg.data) for v in volumes])
+    assert expected.shape[0] >= sum(int(v.shape[3]) for v in volumes)  # every slice, larger ones in windows
+    torch.testing.assert_close(torch.cat([b["image"] for b in batches]), expected)  # all once, in order
+    assert all(b["image"].shape[1:] == (1, 32, 32) and b["image"].shape[0] <= 5 for b in batches)
     again = [next(data.full_pass(cases, 5)[0])["image"] for _ in range(1)]
     torch.testing.assert_close(again[0], batches[0]["image"])  # deterministic
 
@@ -238,8 +244,12 @@ def test_dpl_trains_only_on_certain_pixels_whose_prototype_agrees():
     batch = image_batch()
     labels, keep = m.pseudo_labels(batch["unlabeled"]["image"])
     assert labels.shape == keep.shape == (4, 8, 8) and 0 < keep.float().mean() < 1
-    with torch.no_grad():
-        source_labels = m.source.eval()(batch["unlabeled"]["image"]).argmax(1)
+    with torch.no_grad():  # the labeller: BN on the batch's statistics, dropout off
+        labeller = m.source.train()
+        for mod in labeller.modules():
+            if isinstance(mod, nn.Dropout2d):
+                mod.eval()
+        source_labels = labeller(batch["unlabeled"]["image"]).argmax(1)
     assert (labels[keep] == source_labels[keep]).float().mean() > 0.9
     res = m.step(batch, 0)
     logits = net(batch["unlabeled"]["image"]).float()

@@ -203,10 +203,12 @@ def test_high_order_consistency_l1_l2():
     a = [torch.tensor([1.0, 2.0])]
     g, b = [torch.tensor([1.5, 1.0])], [torch.tensor([0.0, -1.0])]
     gs, bs = [torch.tensor([1.0, 1.0])], [torch.tensor([0.5, 1.0])]
-    l1 = os_.high_order_consistency(a, g, b, gs, bs, "l1").item()
-    l2 = os_.high_order_consistency(a, g, b, gs, bs, "l2").item()
+    l1 = os_.high_order_consistency(a, g, b, gs, bs, "l1", "sum").item()
+    l2 = os_.high_order_consistency(a, g, b, gs, bs, "l2", "sum").item()
     assert l1 == pytest.approx(1 * (0.5 + 0.5) + 2 * (0 + 2))
     assert l2 == pytest.approx(1 * (0.25 + 0.25) + 2 * (0 + 4))
+    # the default averages over the N = 2 channels
+    assert os_.high_order_consistency(a, g, b, gs, bs, "l1").item() == pytest.approx(l1 / 2)
 
 
 # ---------------------------------------------------------------- invariants on a tiny BN net

@@ -239,9 +239,9 @@ def report(chain):
 
 def test_audit_report_content(chain, report):
     html_path, md_path, output = report
-    text = html_path.read_text()
+    text = html_path.read_text(encoding="utf-8")
     for title in SECTIONS:
-        assert f"<h2>{title}</h2>" in text and f"## {title}" in md_path.read_text()
+        assert f"<h2>{title}</h2>" in text and f"## {title}" in md_path.read_text(encoding="utf-8")
     # the chain: evaluation -> adaptation -> source training, with their data, config and code
     tent = chain["sweep"].adaptations["tent"]
     for run_id in (chain["sweep"].evaluations["tent"].run_id, tent.run_id, chain["source"].run_id):
@@ -257,7 +257,7 @@ def test_audit_report_content(chain, report):
     assert "<script" not in text and "<link" not in text and "src=\"http" not in text  # stands alone
     assert "medda-phantom_site_b-ring-blob-rv/" in text and "medda-phantom_site_a-ring-blob-rv/" in text
     images = md_path.parent / f"{md_path.stem}_images"
-    assert len(list(images.glob("*.png"))) >= 4 and "](audit-" in md_path.read_text()
+    assert len(list(images.glob("*.png"))) >= 4 and "](audit-" in md_path.read_text(encoding="utf-8")
     assert "eval-overlaps-training" not in text and "selection-on-test" not in text  # B test vs A/B training: clean
     if store.get_run(tent.run_id).tags["git.dirty"] == "true":
         assert "dirty-git" in text and "WARNING: [dirty-git]" in output
@@ -273,7 +273,7 @@ def test_audit_warns_about_leaky_evaluation_and_model_uri(chain):
     name = registered_model_name("phantom_site_a", chain["card_a"].class_names)
     by_model = runner.invoke(app, ["audit", f"models:/{name}@candidate", "--out", str(out), *uri])
     assert by_model.exit_code == 0, by_model.output
-    html = next(out.glob(f"audit-{name}-v*.html")).read_text()
+    html = next(out.glob(f"audit-{name}-v*.html")).read_text(encoding="utf-8")
     assert chain["leaky"].run_id in html and chain["sweep"].evaluations["source"].run_id in html  # its evaluations
     missing = runner.invoke(app, ["audit", "0123456789abcdef0123456789abcdef", *uri])
     assert missing.exit_code == 2 and "not found" in missing.output

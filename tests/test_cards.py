@@ -41,7 +41,7 @@ def test_every_card_validates_with_a_stable_digest(path, tmp_path):
     copy_path.parent.mkdir()
     copy_path.write_text(card_to_yaml(card))
     assert load_card(copy_path).digest() == digest
-    shuffled = dict(reversed(list(yaml.safe_load(path.read_text()).items())))
+    shuffled = dict(reversed(list(yaml.safe_load(path.read_text(encoding="utf-8")).items())))
     assert load_card(write_card(tmp_path / "shuffled.yaml", shuffled)).digest() == digest
     # Any content change changes it.
     changed = card.model_dump(mode="json")

@@ -158,7 +158,7 @@ def test_pre_existing_output_folder_survives_an_error(workspace):
     recipe = workspace.recipe(workspace.root / "does_not_exist")
     result = runner.invoke(app, ["train", str(recipe)])
     assert_user_error(result, "does_not_exist", "does not exist")
-    assert (workspace.out / "notes.txt").read_text() == "keep me"
+    assert (workspace.out / "notes.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def _tiny_checkpoint(path: Path) -> Path:
@@ -266,7 +266,7 @@ def test_help_and_methods():
 
 def test_installed_entry_point_help():
     exe = Path(sys.executable).parent / "medda"
-    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert out.returncode == 0 and "adapt" in out.stdout and "Traceback" not in out.stderr
 
 

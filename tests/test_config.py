@@ -177,12 +177,12 @@ def test_amp_off_survives_yaml(tmp_path):
 
 def test_readme_configuration_reference_lists_every_setting():
     """README 'Configuration' is generated from the pydantic fields (medda.config.reference_markdown)."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert reference_markdown() in readme, "README's configuration table is stale: paste reference_markdown()"
 
 
 def test_readme_method_options_match_the_method_configs():
     from medda.registry import options_markdown
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert options_markdown() in readme, "README's method options are stale: paste medda.registry.options_markdown()"

@@ -13,7 +13,7 @@ CITING = [*(REPO / "medda").rglob("*.py"), *(REPO / "pipelines").rglob("*.py"), 
 def _headings() -> tuple[set[str], set[str]]:
     """Section numbers ("2", "2.3") and titles of docs/methods.md."""
     numbers, titles = set(), set()
-    for line in METHODS_DOC.read_text().splitlines():
+    for line in METHODS_DOC.read_text(encoding="utf-8").splitlines():
         match = re.match(r"#{2,3} (?:(\d+(?:\.\d+)?)\.? )?(.+)", line)
         if match:
             if match.group(1):
@@ -35,7 +35,7 @@ def test_cited_method_sections_exist():
     assert {"1", "2", "2.1", "2.2", "2.3", "3", "4", "5", "6", "7"} <= numbers
     missing = {}
     for path in CITING:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         absent = _cited_sections(text) - numbers
         absent |= {t for t in re.findall(r'docs/methods\.md, "([^"]+)"', text) if t not in titles}
         if absent:
@@ -46,10 +46,10 @@ def test_cited_method_sections_exist():
 def test_citation_parser_sees_citations():
     assert _cited_sections("see docs/methods.md sections 1, 2 and 6.") == {"1", "2", "6"}
     assert _cited_sections("(docs/methods.md 2.3)") == {"2.3"}
-    assert "2.2" in _cited_sections((REPO / "medda/methods/osuda.py").read_text())
+    assert "2.2" in _cited_sections((REPO / "medda/methods/osuda.py").read_text(encoding="utf-8"))
 
 
 def test_docs_stand_alone():
     """Nothing in the repository's docs, code or README points at material outside the repository."""
     for path in [*CITING, *(REPO / "docs").glob("*.md")]:
-        assert "shared/docs" not in path.read_text(), path
+        assert "shared/docs" not in path.read_text(encoding="utf-8"), path

@@ -202,7 +202,7 @@ def test_mlflow_records(e2e):
     assert evaluation.data.tags["metrics.units"] == "mm"
     assert "eval" in {_context(d) for d in evaluation.inputs.dataset_inputs}
     local = client.download_artifacts(evaluation.info.run_id, "evaluation/per_case.csv", str(e2e.out.parent))
-    rows = list(csv.DictReader(io.StringIO(Path(local).read_text())))
+    rows = list(csv.DictReader(io.StringIO(Path(local).read_text(encoding="utf-8"))))
     assert len(rows) == len(e2e.evaluation.rows) and {r["case"] for r in rows} == {
         c["id"] for c in e2e.test_cases
     }

@@ -24,7 +24,7 @@ def _imports(path: Path, module: str) -> set[str]:
     """Absolute names of the modules (and `from X import name` targets) that `path` imports, anywhere in the file."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -18,15 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 def test_every_package_folder_is_listed_in_pyproject():
     """pyproject.toml lists packages by hand (for the configs/ and data_cards/ mapping): a new one must be added."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for root in ("medda", "pipelines")
                for p in (REPO / root).rglob("__init__.py")}
     assert on_disk | {"medda.configs", "medda.data_cards"} == listed
 
 
 def test_bundled_files_are_the_repository_files():
-    assert bundled("configs", "phantom_source.yaml").read_text() == (REPO / "configs/phantom_source.yaml").read_text()
-    assert bundled("data_cards", "acdc.yaml").read_text() == (REPO / "data_cards/acdc.yaml").read_text()
+    assert bundled("configs", "phantom_source.yaml").read_text(encoding="utf-8") == (REPO / "configs/phantom_source.yaml").read_text(encoding="utf-8")
+    assert bundled("data_cards", "acdc.yaml").read_text(encoding="utf-8") == (REPO / "data_cards/acdc.yaml").read_text(encoding="utf-8")
 
 
 def test_user_paths_win_and_only_folder_names_fall_back(tmp_path, monkeypatch):

@@ -145,7 +145,7 @@ def test_write_phantom_dataset(tmp_path):
     assert (out / "phantom_params.json").is_file()
     for site in ("A", "B"):
         site_dir = out / site
-        datalist = json.loads((site_dir / "datalist.json").read_text())
+        datalist = json.loads((site_dir / "datalist.json").read_text(encoding="utf-8"))
         assert datalist["labels"] == {"0": "background", "1": "ring", "2": "blob", "3": "rv"}
         assert [len(datalist[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
         entries = datalist["training"] + datalist["validation"] + datalist["test"]
@@ -174,4 +174,4 @@ def test_write_phantom_dataset(tmp_path):
     # Other parameters regenerate (and drop cases beyond the new count).
     write_phantom_dataset(out, sites=("A",), cases_per_site=3, seed=1)
     assert not np.array_equal(np.asarray(nib.load(out / "A/labelsTr/A_000.nii.gz").dataobj), a0)
-    assert json.loads((out / "phantom_params.json").read_text())["seed"] == 1
+    assert json.loads((out / "phantom_params.json").read_text(encoding="utf-8"))["seed"] == 1

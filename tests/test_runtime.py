@@ -116,16 +116,16 @@ def test_importing_medda_makes_the_openmp_wait_passive_unless_the_user_chose():
     """The variable must be in the environment before torch loads (OpenMP reads it once)."""
     code = "import os, medda, torch; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, encoding="utf-8", check=True)
     assert out.stdout.strip() == "PASSIVE"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, encoding="utf-8", check=True)
     assert out.stdout.strip() == "ACTIVE"
 
 
 def test_runtime_sits_below_every_stage_that_computes():
     """The engine, inference and benchmarks import the runtime, so it imports no medda module but the config."""
-    tree = ast.parse(Path(runtime.__file__).read_text())
+    tree = ast.parse(Path(runtime.__file__).read_text(encoding="utf-8"))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m and m.startswith("medda")} == {"medda.config"}

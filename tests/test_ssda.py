@@ -205,7 +205,7 @@ def test_refuse_overlap_matches_ids_and_image_files(tmp_path):
 
 
 def test_class_count_mismatch_is_refused(sites, source, tmp_path):
-    card = yaml.safe_load(CARD_B.read_text())
+    card = yaml.safe_load(CARD_B.read_text(encoding="utf-8"))
     card["labels"] = card["labels"][:3]  # background, ring, blob: 3 classes against the source model's 4
     card_path = tmp_path / "three_classes.yaml"
     card_path.write_text(yaml.safe_dump(card))

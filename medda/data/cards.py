@@ -162,7 +162,7 @@ class DataCard(Strict):
         path = dataset_root / ref.file
         if not path.is_file():
             raise MeddaError(f"{card_path}: split '{split}' names {path}, which does not exist")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
 
 
 def load_card(path: Path | str) -> DataCard:
@@ -170,7 +170,7 @@ def load_card(path: Path | str) -> DataCard:
     if not path.is_file():
         raise MeddaError(f"{path}: data card not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise MeddaError(f"{path}: not a text file; a data card is a YAML mapping of fields") from None
     except yaml.YAMLError as err:

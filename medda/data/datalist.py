@@ -71,7 +71,7 @@ def _from_folder(root: Path) -> list[dict]:
 def _from_json(path: Path, split: str | None) -> tuple[list[dict], bool]:
     """Cases of a decathlon JSON; returns (cases, split_consumed)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise MeddaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError:
@@ -107,7 +107,7 @@ def _is_decathlon_folder(root: Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        training = json.loads(meta.read_text()).get("training")
+        training = json.loads(meta.read_text(encoding="utf-8")).get("training")
     except (json.JSONDecodeError, AttributeError):
         return False
     return isinstance(training, list) and bool(training) and isinstance(training[0], (dict, str))

@@ -6,12 +6,14 @@ target slice (2D) or every grid patch (3D) exactly once, in a fixed order, for s
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset
-from monai.transforms import GridPatchd, ResizeWithPadOrCropd
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.transforms import SpatialPad
 
 from medda.config import DataConfig, DatasetRef
 from medda.data.cards import DataCard, load_card
@@ -64,16 +66,15 @@ class Data:
     def full_pass(self, cases: list[dict], batch_images: int) -> tuple[Iterator[dict], int]:
         """Every slice (2D) or grid patch (3D) of every case once, in case order, as {"image": (B, 1, *patch)}.
 
-        Images are cut to the training geometry: 2D slices centre-padded/cropped to `patch_size`, 3D volumes
-        padded and tiled into non-overlapping `patch_size` patches. Batches hold `batch_images` images and never
-        mix cases; the last batch of a case may be smaller (nothing is dropped).
+        Images are cut to the training geometry (`tiles`). Batches hold `batch_images` images and never mix cases;
+        the last batch of a case may be smaller (nothing is dropped).
         """
         chain = inference_chain(self.card, self.config, False, self.card_path)
         batches: list[dict] = []
         for case in unlabeled(cases):
             images = tiles(chain(case)["image"].as_tensor(), self.config)
             for start in range(0, images.shape[0], batch_images):
-                batches.append({"image": torch.as_tensor(images[start : start + batch_images]).float()})
+                batches.append({"image": images[start : start + batch_images].float()})
         if not batches:
             raise MeddaError("config: the target cases hold no image to adapt on")
 
@@ -87,17 +88,29 @@ class Data:
 def tiles(volume: torch.Tensor, data: DataConfig) -> torch.Tensor:
     """A preprocessed (C, X, Y, Z) volume cut into the training geometry: (N, C, *patch_size).
 
-    2D: every slice along `slice_axis`, centre-padded with zeros or centre-cropped to the patch; 3D: the volume
-    zero-padded to whole patches and tiled without overlap. The same tiling measures class priors
-    (`medda.data.priors`) and the label-free monitor's predicted ratios, so both are measured the same way.
+    2D: every slice along `slice_axis`; 3D: the volume. Each is zero-padded (centred) to at least the patch size, as
+    training and inference pad, then covered by the fewest patch-sized windows, spread evenly and overlapping where
+    the size is not a multiple of the patch (the windows of sliding-window inference), so no window adds padding.
+    The same tiling measures class priors (`medda.data.priors`), the label-free monitor's predicted ratios and
+    AdaBN's complete pass, so all are measured the same way.
     """
+    volume = volume.as_tensor() if isinstance(volume, MetaTensor) else torch.as_tensor(volume)
     patch = list(data.patch_size)
-    if data.mode == "2d":
-        slices = torch.movedim(torch.as_tensor(volume), data.slice_axis + 1, 0)  # (S, C, h, w)
-        fit = ResizeWithPadOrCropd("image", patch)
-        return torch.stack([torch.as_tensor(fit({"image": s})["image"]) for s in slices])
-    grid = GridPatchd("image", patch, pad_mode="constant")({"image": torch.as_tensor(volume)})["image"]
-    return torch.as_tensor(grid)
+    # 2D: the slices (S, C, h, w); 3D: the volume as one image
+    images = torch.movedim(volume, data.slice_axis + 1, 0) if data.mode == "2d" else volume[None]
+    pad = SpatialPad(patch)
+    padded = [pad(image) for image in images]
+    images = torch.stack([p.as_tensor() if isinstance(p, MetaTensor) else p for p in padded])
+    starts = [_window_starts(size, p) for size, p in zip(images.shape[2:], patch, strict=True)]
+    windows = [images[(slice(None), slice(None), *(slice(a, a + p) for a, p in zip(corner, patch, strict=True)))]
+               for corner in itertools.product(*starts)]
+    return torch.cat(windows).contiguous() if len(windows) > 1 else windows[0].contiguous()
+
+
+def _window_starts(size: int, patch: int) -> list[int]:
+    """Start offsets of the fewest `patch`-long windows covering `size` (>= patch), evenly spread."""
+    count = math.ceil(size / patch)
+    return sorted({round(i * (size - patch) / max(count - 1, 1)) for i in range(count)})
 
 
 def unlabeled(cases: list[dict]) -> list[dict]:

@@ -525,7 +525,7 @@ def write_phantom_dataset(
         expected += [out_dir / s / sub / n for n in names for sub in ("imagesTr", "labelsTr")]
     if params_path.is_file() and all(p.is_file() for p in expected):
         try:
-            if json.loads(params_path.read_text()) == params:
+            if json.loads(params_path.read_text(encoding="utf-8")) == params:
                 return out_dir
         except json.JSONDecodeError:
             pass

@@ -5,8 +5,9 @@ Pseudo-Labeling", MICCAI 2021 (arXiv 2109.09735); docs/methods.md section 5. The
 target images; two denoising steps decide which pseudo-labelled pixels to train on; the adapted model is then
 trained with a cross-entropy restricted to the kept pixels.
 
-1. Pseudo-labels: T stochastic forward passes of the source model; the pseudo-label is the argmax of the mean
-   softmax (the paper's binary tasks threshold a sigmoid at 0.75; `confidence_threshold` drops pixels whose mean
+1. Pseudo-labels: T stochastic forward passes of the source model, its batch normalisation on the statistics of
+   the target batch (the reference generates them with the network in train mode: batch statistics and dropout);
+   the pseudo-label is the argmax of the mean softmax (the paper's binary tasks threshold a sigmoid at 0.75; `confidence_threshold` drops pixels whose mean
    top probability is lower, 0 keeps all, as the argmax of the binary case does at 0.5).
 2. Pixel-level denoising: the uncertainty of a pixel is the standard deviation over the T passes of the
    temperature-scaled probability (softmax(logits / 2) in the reference) of its pseudo-label; pixels with
@@ -41,6 +42,7 @@ from medda.methods.base import (
     MethodConfig,
     MethodContext,
     StepResult,
+    batchnorm_layers,
     freeze_all,
     trainable_parameters,
 )
@@ -111,6 +113,8 @@ class DPL(Method):
         super().__init__(model, config, context)
         self.source = copy.deepcopy(model)
         freeze_all(self.source)
+        for bn in batchnorm_layers(self.source):  # always the target batch's statistics, nothing to update
+            bn.track_running_stats, bn.running_mean, bn.running_var = False, None, None
         self.mode = config.uncertainty
         has_dropout = any(isinstance(m, DROPOUT_TYPES) and m.p > 0 for m in self.source.modules())
         if self.mode == "auto":
@@ -127,11 +131,12 @@ class DPL(Method):
 
     def _passes(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(probabilities (T, B, K, *S), tempered probabilities (T, B, K, *S), mean features (B, F, *S) or None)."""
-        self.source.to(image.device).eval()
-        if self.mode == "mc_dropout":
+        # Train mode as in the reference (BN on the target batch's statistics); dropout only in MC-dropout mode.
+        self.source.to(image.device).train()
+        if self.mode != "mc_dropout":
             for m in self.source.modules():
                 if isinstance(m, DROPOUT_TYPES):
-                    m.train()
+                    m.eval()
         inplane = [2, 3]
         probs, tempered, features = [], [], []
         for t in range(self.config.passes):
