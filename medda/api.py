@@ -29,7 +29,7 @@ from medda.errors import MeddaError
 from medda.inference import Predictor, predict_cases, write_prediction
 from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
-from medda.registry import ADAPTATION_METHODS, get_method
+from medda.registry import get_method, methods_for
 from medda.runtime import Runtime
 from medda.selection import LabelFreeValidator, dice_validator, recommend, snapshot_bn
 from medda.tracking import Tracker, make_tracker
@@ -308,11 +308,12 @@ def _prior(cfg: RunConfig, meta: dict, data: Data, target_cases: list[dict]) -> 
 
 
 def _adaptation_method(name: str) -> type[Method]:
-    if name not in ADAPTATION_METHODS:
+    cls = get_method(name)
+    if cls.task != "adaptation":
         raise MeddaError(f"config: field 'method.name' is '{name}', which is not an adaptation method; `medda adapt` "
-                         f"expects one of: {', '.join(ADAPTATION_METHODS)} (train semi-supervised methods with "
-                         "`medda train-ssl`)")
-    return get_method(name)
+                         f"expects one of: {', '.join(methods_for('adaptation'))} (train semi-supervised methods "
+                         "with `medda train-ssl`)")
+    return cls
 
 
 def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None) -> AdaptResult:

@@ -17,7 +17,7 @@ from pathlib import Path
 from medda import api
 from medda.config import RunConfig
 from medda.errors import MeddaError
-from medda.registry import ADAPTATION_METHODS, get_method
+from medda.registry import get_method, methods_for
 from medda.tracking import make_tracker
 
 
@@ -35,8 +35,8 @@ def parse_methods(text: str) -> list[str]:
         raise MeddaError("--methods: give at least one method, e.g. --methods tent,adabn")
     for m in methods:
         get_method(m)  # unknown names: one clear error listing the known ones
-        if m not in ADAPTATION_METHODS:
-            raise MeddaError(f"--methods: '{m}' is not an adaptation method ({', '.join(ADAPTATION_METHODS)})")
+        if m not in methods_for("adaptation"):
+            raise MeddaError(f"--methods: '{m}' is not an adaptation method ({', '.join(methods_for('adaptation'))})")
     if len(set(methods)) != len(methods):
         raise MeddaError(f"--methods: '{text}' names a method twice")
     return methods

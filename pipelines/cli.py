@@ -157,10 +157,10 @@ def demo(
 @app.command()
 def methods() -> None:
     """List the registered methods."""
-    from medda.registry import ADAPTATION_METHODS, SSL_METHODS
+    from medda.registry import methods_for
 
-    typer.echo("training / semi-supervised: " + ", ".join(SSL_METHODS))
-    typer.echo("source-free adaptation:     " + ", ".join(ADAPTATION_METHODS))
+    typer.echo("training / semi-supervised: " + ", ".join(methods_for("training")))
+    typer.echo("source-free adaptation:     " + ", ".join(methods_for("adaptation")))
 
 
 @card_app.command("validate")

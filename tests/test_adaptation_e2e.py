@@ -197,3 +197,44 @@ def test_adaptation_raises_target_dice_above_the_source(shifted, tmp_path):
     # Statistics-only adaptation helps too, by less.
     adabn, _ = _target_dice(shifted, tmp_path, "adabn", [])
     assert adabn > before, f"AdaBN {adabn:.3f} vs no adaptation {before:.3f}"
+
+
+def test_a_method_registered_from_outside_runs_through_adapt(phantoms, source_checkpoint, tmp_path):
+    """Adding a method = its own class + one registration line; the wiring needs no change (issue 10)."""
+    import torch
+
+    from medda import registry
+    from medda.methods.base import Method, MethodConfig, StepResult, head_parameters
+    from medda.methods.losses import entropy, prediction_logs
+
+    class HeadBiasEntropy(Method):
+        """Toy method: entropy minimisation of the classifier head's biases only."""
+
+        name = "toy_head_bias"
+        Config = MethodConfig
+        default_optim = {"name": "adam", "lr": 1e-2}
+
+        def configure(self):
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            biases = [p for p in head_parameters(self.model, self.context.num_classes) if p.ndim == 1]
+            for p in biases:
+                p.requires_grad_(True)
+            return biases
+
+        def step(self, batch, iteration):
+            logits = self.model(batch["unlabeled"]["image"]).float()
+            loss = entropy(torch.softmax(logits, dim=1))
+            return StepResult(loss, {"loss": float(loss.detach()), **prediction_logs(logits)})
+
+    registry.register("toy_head_bias", HeadBiasEntropy)
+    try:
+        result = api.adapt(_adapt_cfg(phantoms, source_checkpoint, tmp_path, "toy_head_bias"))
+    finally:
+        registry._METHODS.pop("toy_head_bias")
+    saved = read_checkpoint(tmp_path / "last.pt")
+    source = read_checkpoint(source_checkpoint)
+    changed = {k for k, v in saved["state_dict"].items() if not torch.equal(v, source["state_dict"][k])}
+    assert changed and all(k.endswith("bias") for k in changed)  # only what the toy method trains
+    assert saved["meta"]["method"] == "toy_head_bias" and result.history[0]["iteration"] == 0

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medda.config import OptimConfig, TrainConfig
+from medda.errors import MeddaError
 from medda.methods.base import Method
 from medda.runtime import autocast, memory_format
 
@@ -77,13 +78,80 @@ def _to_device(batch: dict, device: torch.device, fmt: torch.memory_format | Non
     return out
 
 
-def _train_modes(model: nn.Module) -> dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
+class _Selection:
+    """Validation, checkpoints and the best model so far (restarted at every new phase)."""
+
+    def __init__(self, method: Method, train: TrainConfig, save, validate, log):
+        self.method, self.train, self.save, self.validate, self.log = method, train, save, validate, log
+        self.history: list[dict] = []
+        self.stopped = ""
+        self.restart()
+
+    def restart(self) -> None:
+        self.best_score, self.best_iteration, self.best_path, self.best_state = -math.inf, -1, None, None
+
+    def check(self, it: int) -> bool:
+        """Validate at iteration `it`, keep the best checkpoint; True when the validator asks to stop."""
+        if self.validate is None:
+            return False
+        model = self.method.model
+        modes = {name: m.training for name, m in model.named_modules()}
+        result = self.validate(self.method.eval_model(), it)
+        for name, m in model.named_modules():  # the validator may switch modes; training resumes as it was
+            m.training = modes.get(name, m.training)
+        metrics = {**result.metrics, "val/score": result.score}
+        self.history.append({"iteration": it, **metrics})
+        if self.log:
+            self.log(metrics, it)
+        if result.stop:
+            self.stopped = result.reason or "validator asked to stop"
+            return True
+        if self.train.keep_checkpoints and it > 0:
+            self.save(f"it{it}", it)
+        if result.score > self.best_score:
+            self.best_score, self.best_iteration = result.score, it
+            self.best_path = self.save("best", it)
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.method.eval_model().state_dict().items()}
+        return False
 
 
-def _restore_modes(model: nn.Module, modes: dict[str, bool]) -> None:
-    for name, m in model.named_modules():
-        m.training = modes.get(name, m.training)
+class _Optimisation:
+    """The optimiser and LR schedule over the method's parameters; refuses a diverging step."""
+
+    HINT = "check the images' intensities after the card's normalisation, and optim.lr"
+
+    def __init__(self, method: Method, optim: OptimConfig, total: int):
+        self.method, self.params = method, method.configure()
+        self.optimizer = build_optimizer(self.params, optim) if self.params else None
+        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, total, optim))
+                          if self.optimizer else None)
+
+    def step(self, loss: torch.Tensor | None, it: int) -> None:
+        if loss is None or self.optimizer is None:
+            return
+        # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved.
+        if not torch.isfinite(loss.detach()).all():
+            raise MeddaError(f"{self.method.name}: training diverged at iteration {it + 1}: the loss is "
+                             f"{float(loss.detach().float().sum())}; {self.HINT}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if not torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all():
+            raise MeddaError(f"{self.method.name}: training diverged at iteration {it + 1}: weights became NaN or "
+                             f"infinite after the optimiser step; {self.HINT}")
+
+    def lr(self) -> dict[str, float]:
+        return {"train/lr": self.optimizer.param_groups[0]["lr"]} if self.optimizer is not None else {}
+
+
+def _log_average(running: dict[str, list[float]], extra: dict[str, float], bar, log, step: int) -> None:
+    """Average the step logs since the last call, show a few on the progress bar, hand them to tracking."""
+    averaged = {**{f"train/{k}": sum(v) / len(v) for k, v in running.items()}, **extra}
+    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(averaged.items())[:3]})
+    if log:
+        log(averaged, step)
+    running.clear()
 
 
 def run_loop(
@@ -104,113 +172,49 @@ def run_loop(
 
     Args:
         streams: name -> infinite iterator of collated batches, for every name in `method.streams`.
-        save: save(tag, iteration) writes the method's eval model as checkpoint `tag` ('best'/'last'/'initial').
+        save: save(tag, iteration) writes the method's eval model as checkpoint `tag` ('best'/'last'/'it<N>').
         validate: validator(eval_model, iteration); its score is maximised. None: only the last checkpoint.
         log: receives averaged step logs and validation metrics with the iteration as step.
         one_pass_length: number of batches in one pass over the stream (for `method.one_pass`).
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
     """
-    spatial_dims = method.context.spatial_dims
-    fmt = memory_format(spatial_dims) if train.channels_last else None
-    model = method.model.to(device)
+    fmt = memory_format(method.context.spatial_dims) if train.channels_last else None
+    method.model.to(device)
     if fmt is not None:
-        model.to(memory_format=fmt)
-    history: list[dict] = []
-    best_score, best_iteration, best_path = -math.inf, -1, None
-    stopped = ""
-    running: dict[str, list[float]] = defaultdict(list)
+        method.model.to(memory_format=fmt)
+    selection = _Selection(method, train, save, validate, log)
     start = time.perf_counter()
-
-    def checkpoint(it: int) -> bool:
-        nonlocal best_score, best_iteration, best_path, stopped
-        if validate is None:
-            return False
-        modes = _train_modes(model)
-        result = validate(method.eval_model(), it)
-        _restore_modes(model, modes)
-        metrics = {**result.metrics, "val/score": result.score}
-        history.append({"iteration": it, **metrics})
-        if log:
-            log(metrics, it)
-        if result.stop:
-            stopped = result.reason or "validator asked to stop"
-            return True
-        if train.keep_checkpoints and it > 0:
-            save(f"it{it}", it)
-        if result.score > best_score:
-            best_score, best_iteration = result.score, it
-            best_path = save("best", it)
-        return False
-
-    if validate is not None and score_initial:
-        # The untouched starting model is scored first (before `configure` resets or re-wires anything):
-        # adaptation may only be chosen if it beats the source model.
-        checkpoint(0)
-    params = method.configure()
-    optimizer = build_optimizer(params, optim) if params else None
+    if score_initial:  # before `configure` resets or re-wires anything: adapting must beat the source model
+        selection.check(0)
     total = one_pass_length if method.one_pass else train.iterations
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, optim)) if optimizer else None
-    )
-
-
-    it = 0
-    phase = method.phase(0)
+    optimisation = _Optimisation(method, optim, total)
+    running: dict[str, list[float]] = defaultdict(list)
+    it, phase = 0, method.phase(0)
     bar = tqdm(range(total), desc=method.name, leave=False, dynamic_ncols=True)
     for it in bar:
-        if method.phase(it) != phase:
-            # New phase (BCP pre-training -> self-training): continue from the previous phase's best weights.
+        if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
             phase = method.phase(it)
-            best_state = None
-            if best_path is not None:
-                from medda.models.factory import read_checkpoint
-
-                best_state = read_checkpoint(best_path)["state_dict"]
-            method.start_phase(phase, best_state)
-            # Model selection restarts with the phase (BCP reference: self-training tracks its own best from 0),
-            # so the selected model is always one of the final phase, never a pre-training checkpoint.
-            best_score, best_iteration, best_path = -math.inf, -1, None
+            method.start_phase(phase, selection.best_state)
+            selection.restart()  # the selected model is always one of the final phase (BCP reference)
         batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
         with autocast(device, amp):
             result = method.step(batch, it)
-        if result.loss is not None and optimizer is not None:
-            # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved.
-            from medda.errors import MeddaError
-
-            hint = "check the images' intensities after the card's normalisation, and optim.lr"
-            if not torch.isfinite(result.loss.detach()).all():
-                raise MeddaError(f"{method.name}: training diverged at iteration {it + 1}: the loss is "
-                                 f"{float(result.loss.detach().float().sum())}; {hint}")
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if not torch.stack([torch.isfinite(p.detach()).all() for p in params]).all():
-                raise MeddaError(f"{method.name}: training diverged at iteration {it + 1}: weights became NaN or "
-                                 f"infinite after the optimiser step; {hint}")
+        optimisation.step(result.loss, it)
         method.after_step(it)
         for key, value in result.logs.items():
             running[key].append(float(value))
         if (it + 1) % log_every == 0 or it + 1 == total:
-            averaged = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
-            if optimizer is not None:
-                averaged["train/lr"] = optimizer.param_groups[0]["lr"]
-            bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(averaged.items())[:3]})
-            if log:
-                log(averaged, it + 1)
-            running.clear()
+            _log_average(running, optimisation.lr(), bar, log, it + 1)
         phase_ends = it + 1 < total and method.phase(it + 1) != method.phase(it)
         # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
         due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
-        if due and it + 1 < total and checkpoint(it + 1):
+        if due and it + 1 < total and selection.check(it + 1):
             break
     bar.close()
     method.finalize()
-    done = it + 1
-    if not stopped:
-        checkpoint(done)
-    last_path = save("last", done)
-    return LoopResult(
-        done, best_path, last_path, best_iteration, best_score, history, stopped, time.perf_counter() - start
-    )
+    if not selection.stopped:
+        selection.check(it + 1)
+    last_path = save("last", it + 1)
+    return LoopResult(it + 1, selection.best_path, last_path, selection.best_iteration, selection.best_score,
+                      selection.history, selection.stopped, time.perf_counter() - start)

@@ -82,6 +82,8 @@ class Method(ABC):
     # Methods that mix each labelled image with one unlabelled image (BCP) need batches of equal size.
     paired_batches: ClassVar[bool] = False
     default_optim: ClassVar[dict] = {}
+    # "adaptation": runs under `medda adapt` from a source model; "training": `medda train` / `train-ssl`.
+    task: ClassVar[str] = "adaptation"
 
     def __init__(self, model: nn.Module, config: MethodConfig, context: MethodContext):
         if self.requires_batchnorm and not batchnorm_layers(model):

@@ -224,6 +224,7 @@ class BCP(Method):
     """BCP: copy-paste pre-training on labelled images, then EMA-teacher self-training with bidirectional mixing."""
 
     name: ClassVar[str] = "bcp"
+    task: ClassVar[str] = "training"
     Config: ClassVar[type[MethodConfig]] = BCPConfig
     paired_batches: ClassVar[bool] = True
     streams: ClassVar[tuple[str, ...]] = ("labeled", "unlabeled")

@@ -64,6 +64,7 @@ class MeanTeacher(Method):
     """Mean teacher: supervised (CE + Dice)/2 + ramped MSE consistency to an EMA teacher on noisy inputs."""
 
     name: ClassVar[str] = "mean_teacher"
+    task: ClassVar[str] = "training"
     Config: ClassVar[type[MethodConfig]] = MeanTeacherConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled", "unlabeled")
     reads_target_labels: ClassVar[bool] = True

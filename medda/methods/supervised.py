@@ -20,6 +20,7 @@ class Supervised(Method):
     """Supervised (CE + Dice)/2 on labelled patches: source training and the supervised-only twin of SSL runs."""
 
     name: ClassVar[str] = "supervised"
+    task: ClassVar[str] = "training"
     Config: ClassVar[type[MethodConfig]] = SupervisedConfig
     streams: ClassVar[tuple[str, ...]] = ("labeled",)
     reads_target_labels: ClassVar[bool] = True
