@@ -11,7 +11,6 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from medda.components import largest_component
-from medda.methods.ema import ema_update, make_teacher
 from medda.errors import MeddaError
 from medda.methods.base import MethodContext
 from medda.methods.bcp import (
@@ -24,6 +23,7 @@ from medda.methods.bcp import (
     mixed_seg_loss,
     seg_loss,
 )
+from medda.methods.ema import ema_update, make_teacher
 from medda.methods.mean_teacher import MeanTeacher, MeanTeacherConfig
 from medda.methods.supervised import Supervised, SupervisedConfig
 
