@@ -6,6 +6,8 @@ The CLI (`pipelines/`) parses a config and calls these; tests call them directly
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from medda.data.transforms import (
     load_label,
 )
 from medda.engine.loop import LoopResult, run_loop
+from medda.engine.resume import RESUME_FILE, Resume, header, interruptible, read_resume
 from medda.errors import MeddaError
 from medda.inference import Predictor, predict_cases, write_prediction
 from medda.methods.base import Method, MethodContext
@@ -102,6 +105,25 @@ def _log_inputs(tracker: Tracker, data: Data, roles: dict[str, list[dict]]) -> N
         )
 
 
+def _resume(cfg: RunConfig, resume: bool) -> tuple[Resume, dict | None]:
+    """The run's resume-state keeper, and with `resume` the state it continues from (refused when there is none,
+    or when it was written for another config). A fresh run overwrites an old state at its first iteration."""
+    previous = read_resume(cfg) if resume else None
+    loop = previous.get("loop") if previous else None
+    return Resume(cfg.output_dir / RESUME_FILE, cfg.train.resume_every or cfg.train.val_every, loop,
+                  saved=previous is not None), previous
+
+
+def _resumed(tracker: Tracker, previous: dict) -> None:
+    """A resumed run already holds its config and inputs; it records where it continued."""
+    tracker.set_tags({"resume.iteration": previous["loop"]["iteration"]})
+
+
+def _record(result: TrainResult | AdaptResult) -> dict:
+    """A finished run's result as plain data (paths as text) for its final resume state."""
+    return json.loads(json.dumps(dataclasses.asdict(result), default=str))
+
+
 # --------------------------------------------------------------------------------------------- train
 @dataclass
 class TrainResult:
@@ -110,6 +132,13 @@ class TrainResult:
     loop: LoopResult
     run_id: str | None
     selection: str
+
+    @classmethod
+    def from_record(cls, r: dict) -> TrainResult:
+        best = r["loop"]["best_path"]
+        loop = LoopResult(**{**r["loop"], "best_path": Path(best) if best else None,
+                             "last_path": Path(r["loop"]["last_path"])})
+        return cls(Path(r["checkpoint"]), Path(r["last"]), loop, r["run_id"], r["selection"])
 
 
 def _refuse_overlap(cases: list[dict], test_cases: list[dict], field: str) -> None:
@@ -175,17 +204,23 @@ def _from_source(cfg: RunConfig) -> tuple[RunConfig, nn.Module, dict]:
     return cfg, model, meta
 
 
-def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None) -> TrainResult:
+def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None, resume: bool = False) -> TrainResult:
     """Train a segmenter with `cfg.method` (supervised, mean teacher, BCP), from scratch or from a source model.
 
     With `cfg.source_checkpoint` (semi-supervised domain adaptation, few-shot fine-tuning) the network, its weights
     and its preprocessing geometry come from the checkpoint and the label map and intensities from `data.card`, as in
     `adapt`; an EMA teacher (mean teacher, BCP) is a copy of the model, so it starts from the source weights too.
     The checkpoint is selected by `few_label_selection`, never on `data.test`.
+
+    `resume`: continue the interrupted run of `cfg.output_dir` (its resume.pt and MLflow run); a finished run is not
+    trained again, its recorded result is returned.
     """
     source_meta: dict | None = None
     if cfg.source_checkpoint is not None:
         cfg, model, source_meta = _from_source(cfg)
+    keeper, previous = _resume(cfg, resume)
+    if previous is not None and "finished" in previous:
+        return TrainResult.from_record(previous["finished"])
     runtime = Runtime.setup(cfg)
     data = Data.load(cfg.data)
     num_classes = data.card.num_classes
@@ -238,15 +273,21 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             "source.checkpoint": str(cfg.source_checkpoint), "source.card.digest": source_meta["card"]["digest"],
             "source.run_id": source_run, "parent.run_id": source_run, "source_free": "false",
         })
-    with tracker.run(cfg.tracking.run_name or f"train-{cfg.method.name}", tags={**run_tags, **(tags or {})}):
-        tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        # Labelled target cases of a fine-tune from a source model are "target-labeled", as in `adapt`.
-        fine_tune = source_meta is not None and "unlabeled" not in cls.streams
-        labeled_role = lineage.TARGET_LABELED if fine_tune else lineage.labeled_context(cls.streams)
-        roles = {labeled_role: labeled, **({"val": val_cases} if val_cases else {})}
-        if "unlabeled" in streams:
-            roles["train-unlabeled"] = unlabeled
-        _log_inputs(tracker, data, roles)
+    run_id = previous["run_id"] if previous else None
+    with interruptible(keeper), tracker.run(cfg.tracking.run_name or f"train-{cfg.method.name}",
+                                            tags={**run_tags, **(tags or {})}, run_id=run_id):
+        keeper.header = header(cfg, tracker.run_id)
+        if previous is not None:
+            _resumed(tracker, previous)
+        else:
+            tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
+            # Labelled target cases of a fine-tune from a source model are "target-labeled", as in `adapt`.
+            fine_tune = source_meta is not None and "unlabeled" not in cls.streams
+            labeled_role = lineage.TARGET_LABELED if fine_tune else lineage.labeled_context(cls.streams)
+            roles = {labeled_role: labeled, **({"val": val_cases} if val_cases else {})}
+            if "unlabeled" in streams:
+                roles["train-unlabeled"] = unlabeled
+            _log_inputs(tracker, data, roles)
 
         def save(tag: str, iteration: int) -> Path:
             extra = {"iteration": iteration, "tag": tag, "run_id": tracker.run_id, "class_prior": class_prior}
@@ -261,7 +302,7 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
                                       data, val_cases)
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
-                        tracker.log_metrics, one_pass_length=max(lengths.values()))
+                        tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper)
         chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})
         tracker.set_tags({"checkpoint.selected": chosen.name})
@@ -269,7 +310,9 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             tracker.log_artifact(chosen, "checkpoints")
             source_run_id = (source_meta.get("run_id") or "") if source_meta is not None else None
             lineage.register(tracker, chosen, data.card, cfg, "train", source_run_id=source_run_id)
-        return TrainResult(chosen, loop.last_path, loop, tracker.run_id, selection)
+        result = TrainResult(chosen, loop.last_path, loop, tracker.run_id, selection)
+        keeper.finish(_record(result))
+        return result
 
 
 # --------------------------------------------------------------------------------------------- adapt
@@ -285,6 +328,10 @@ class AdaptResult:
     history: list[dict] = field(default_factory=list)
     run_id: str | None = None
     prior_source: str = ""
+
+    @classmethod
+    def from_record(cls, r: dict) -> AdaptResult:
+        return cls(**{**r, "checkpoint": Path(r["checkpoint"]), "adapted": Path(r["adapted"])})
 
 
 def _prior(cfg: RunConfig, meta: dict, data: Data, target_cases: list[dict]) -> Prior:
@@ -316,8 +363,11 @@ def _adaptation_method(name: str) -> type[Method]:
     return cls
 
 
-def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None) -> AdaptResult:
-    """Adapt a source checkpoint to unlabelled target cases; choose and recommend a model without labels."""
+def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None, resume: bool = False) -> AdaptResult:
+    """Adapt a source checkpoint to unlabelled target cases; choose and recommend a model without labels.
+
+    `resume`: continue the interrupted run of `cfg.output_dir`, as in `train`.
+    """
     cls = _adaptation_method(cfg.method.name)
     if cfg.source_checkpoint is None:
         raise MeddaError("config: field 'source_checkpoint' is required for adaptation")
@@ -326,6 +376,9 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     cfg = cfg.model_copy(deep=True, update={
         "data": cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS}),
     })
+    keeper, previous = _resume(cfg, resume)
+    if previous is not None and "finished" in previous:
+        return AdaptResult.from_record(previous["finished"])
     runtime = Runtime.setup(cfg)
     data = Data.load(cfg.data)
     _refuse_class_mismatch(cfg.data.card, data.card, meta)
@@ -342,14 +395,19 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
                                     data, target, marginal, snapshot_bn(model), cfg.selection)
     streams, length = _adaptation_streams(cls, data, cfg, target, labeled_target)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    with tracker.run(cfg.tracking.run_name or f"adapt-{cfg.method.name}", tags={
-        **_adapt_tags(cfg, cls, data, meta, prior.source), **(tags or {})}):
-        tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
-        _log_inputs(tracker, data, {"target-adapt": target, **({"target-labeled": labeled_target} if labeled_target
-                                                                  else {})})
+    run_id = previous["run_id"] if previous else None
+    with interruptible(keeper), tracker.run(cfg.tracking.run_name or f"adapt-{cfg.method.name}", tags={
+            **_adapt_tags(cfg, cls, data, meta, prior.source), **(tags or {})}, run_id=run_id):
+        keeper.header = header(cfg, tracker.run_id)
+        if previous is not None:
+            _resumed(tracker, previous)
+        else:
+            tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
+            _log_inputs(tracker, data, {"target-adapt": target, **({"target-labeled": labeled_target}
+                                                                      if labeled_target else {})})
         save = _adapted_checkpoint_writer(cfg, data, meta, method, tracker, prior.source)
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, label_free,
-                        tracker.log_metrics, one_pass_length=length, score_initial=True)
+                        tracker.log_metrics, one_pass_length=length, score_initial=True, resume=keeper)
         choice = recommend(label_free.state.history, loop, cfg.selection, marginal is not None,
                            supervised_cases=len(labeled_target))
         recommended_path = choice.adapted if choice.recommended else Path(cfg.source_checkpoint)
@@ -364,9 +422,11 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             lineage.register(tracker, choice.adapted, data.card, cfg, "adapt", candidate=choice.recommended,
                              source_run_id=meta.get("run_id") or "",
                              extra={"recommended": str(choice.recommended).lower(), "prior.source": prior.source})
-        return AdaptResult(recommended_path, choice.adapted, choice.recommended, choice.reason, loop.stopped_early,
-                           choice.source_stats, choice.chosen_stats, label_free.state.history, tracker.run_id,
-                           prior.source)
+        result = AdaptResult(recommended_path, choice.adapted, choice.recommended, choice.reason, loop.stopped_early,
+                             choice.source_stats, choice.chosen_stats, label_free.state.history, tracker.run_id,
+                             prior.source)
+        keeper.finish(_record(result))
+        return result
 
 
 def _adaptation_streams(cls: type[Method], data: Data, cfg: RunConfig, target: list[dict],
@@ -472,7 +532,7 @@ def evaluate(
     units = set()
     out_dir = cfg.output_dir / "predictions"
     tracker = tracker or make_tracker(cfg.tracking)
-    with tracker.run(cfg.tracking.run_name or f"evaluate-{meta['method']}", tags={
+    with interruptible(), tracker.run(cfg.tracking.run_name or f"evaluate-{meta['method']}", tags={
         "medda.command": "evaluate", "method": meta["method"], "card.digest": card.digest(), "card.name": card.name,
         "parent.run_id": meta.get("run_id") or "", "checkpoint": str(checkpoint),
         "checkpoint.tag": meta.get("tag", ""), "eval.digest": datalist_digest(cases), **(tags or {}),

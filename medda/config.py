@@ -99,6 +99,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(2, ge=1, description="Volumes per batch; each yields samples_per_volume patches.")
     unlabeled_batch_size: int | None = Field(None, ge=1, description="Unlabelled volumes per batch (SSL); default batch_size.")
     val_every: int = Field(100, ge=1, description="Validate and checkpoint every N iterations.")
+    resume_every: int | None = Field(
+        None, ge=1, description="Write the resume state (output_dir/resume.pt, for --resume) every N iterations; None: val_every."
+    )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="auto: bf16 autocast on CPUs with bf16 units and on CUDA; off: float32."
     )

@@ -98,7 +98,7 @@ def to_label(probs: torch.Tensor, largest_component: bool = False) -> torch.Tens
 def invert_to_original(probs: torch.Tensor, preprocessed: dict, transform: Compose) -> MetaTensor:
     """Map (1, K, *S) probabilities from preprocessed space back onto the original image grid."""
     image = preprocessed["image"]
-    pred = MetaTensor(probs[0].cpu(), affine=image.affine, meta=dict(image.meta))
+    pred = MetaTensor(probs[0].cpu(), meta=dict(image.meta))  # the meta carries the affine
     pred.applied_operations = list(image.applied_operations)
     out = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=False)({"pred": pred, "image": image})
     return out["pred"]

@@ -184,6 +184,13 @@ class LabelFreeValidator:
         self.state.history.append({"iteration": iteration, **stats, "score": value})
         return Validation(value, {f"monitor/{k}": v for k, v in stats.items()}, stop=bool(reason), reason=reason)
 
+    def state_dict(self) -> dict:
+        """The monitor's memory (the source model's statistics, every score so far), for resuming a run."""
+        return {"initial": self.state.initial, "history": self.state.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = MonitorState(state["initial"], list(state["history"]))
+
 
 @dataclass
 class Recommendation:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medda import api
 from medda.config import RunConfig
+from medda.engine.resume import interruptible
 from medda.errors import MeddaError
 from medda.registry import get_method, methods_for
 from medda.tracking import make_tracker
@@ -59,8 +60,9 @@ def adapt_sweep(
     tracker = make_tracker(cfg.tracking)
     result = SweepResult(None)
     name = cfg.tracking.run_name or "adapt-sweep"
-    with tracker.run(name, tags={"medda.command": "adapt-sweep", "sweep.methods": ",".join(methods),
-                                 "source.checkpoint": str(cfg.source_checkpoint)}):
+    tags = {"medda.command": "adapt-sweep", "sweep.methods": ",".join(methods),
+            "source.checkpoint": str(cfg.source_checkpoint)}
+    with interruptible(), tracker.run(name, tags=tags):
         result.run_id = tracker.run_id
         tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
         child_tags = {"sweep.run_id": tracker.run_id or ""}

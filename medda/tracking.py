@@ -32,8 +32,10 @@ import medda
 from medda.config import TrackingConfig, flatten
 from medda.errors import MeddaError
 
-# MLflow announces every start/stop of its system-metrics sampler at INFO; keep the console for medda's output.
-logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+# MLflow announces at INFO every start/stop of its system-metrics sampler, a new SQLite store's tables and a new
+# experiment; keep the console for medda's output (MLflow's warnings and errors still show).
+for _logger in ("mlflow.system_metrics", "mlflow.store.db.utils", "mlflow.tracking.fluent", "alembic"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
 
 # Keys whose values must never reach tracking (credentials in URIs or options).
 _SECRET_MARKERS = ("password", "secret", "token", "credential", "api_key")
@@ -166,17 +168,36 @@ class Tracker:
         self.run_id: str | None = None
 
     @contextlib.contextmanager
-    def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Tracker]:
+    def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False,
+            run_id: str | None = None) -> Iterator[Tracker]:
+        """An MLflow run for the block: FINISHED when it completes, KILLED on SIGINT/SIGTERM (KeyboardInterrupt,
+        `medda.errors.Interrupted`), FAILED on any other exception. `run_id` continues that run (resume)."""
         base = {"medda.version": medda.__version__, "host": socket.gethostname(), "python": platform.python_version()}
         base.update(git_state())
         base.update(tags or {})
         # Inside an active run (a method sweep's parent), a run is its nested child (tag mlflow.parentRunId).
         nested = nested or self.mlflow.active_run() is not None
+        if run_id is not None:
+            self._check_run(run_id)
         with self.mlflow.start_run(
-            run_name=name, nested=nested, tags=base, log_system_metrics=self.cfg.system_metrics
+            run_id=run_id, run_name=name, nested=nested, tags=base, log_system_metrics=self.cfg.system_metrics
         ) as active:
             self.run_id = active.info.run_id
-            yield self
+            try:
+                yield self
+            except KeyboardInterrupt:  # stopped, not broken: ended here as KILLED, so MLflow's exit leaves it so
+                self.mlflow.end_run("KILLED")
+                raise
+
+    def _check_run(self, run_id: str) -> None:
+        """Refuse, in one line, to continue a run that this store does not hold (resume with another tracking.uri)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.mlflow.MlflowClient().get_run(run_id)
+        except MlflowException:
+            raise MeddaError(f"MLflow run {run_id} of the resume state is not in the tracking store "
+                             f"{_redact({'u': self.uri})['u']}; resume with the tracking.uri the run started with") from None
 
     def log_config(self, config: dict[str, Any], digest: str) -> None:
         params = _redact(flatten(config))
@@ -298,7 +319,8 @@ class NullTracker(Tracker):
         self.uri = ""
 
     @contextlib.contextmanager
-    def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False) -> Iterator[Tracker]:
+    def run(self, name: str, tags: dict[str, str] | None = None, nested: bool = False,
+            run_id: str | None = None) -> Iterator[Tracker]:
         yield self
 
     def log_config(self, config: dict[str, Any], digest: str) -> None: ...

@@ -32,27 +32,36 @@ register_audit_commands(app)  # audit, compare, promote, server
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Overrides such as train.iterations=200 data.mode=2d.")]
 ConfigPath = Annotated[Path, typer.Argument(help="YAML recipe (see configs/).", show_default=False)]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue the interrupted run of output_dir (its resume.pt and MLflow run); same recipe and overrides.")]
+
+Threads = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="torch CPU threads (the same as train.threads=N); default: one per CPU this process may "
+    "use (affinity, cgroup quota).")]
 
 
-def _config(path: Path | None, overrides: list[str] | None, base: dict | None = None):
-    """Load a recipe; a missing `configs/NAME.yaml` or `data_cards/NAME.yaml` falls back to the shipped file."""
+def _config(path: Path | None, overrides: list[str] | None, base: dict | None = None, threads: int | None = None):
+    """Load a recipe; a missing `configs/NAME.yaml` or `data_cards/NAME.yaml` falls back to the shipped file.
+
+    `threads` (the `--threads` option) is one more override, applied last."""
     from medda.config import load_config
     from medda.resources import user_or_bundled
 
-    cfg = load_config(user_or_bundled(path, "configs") if path else None, overrides or [], base)
+    overrides = [*(overrides or []), *([f"train.threads={threads}"] if threads is not None else [])]
+    cfg = load_config(user_or_bundled(path, "configs") if path else None, overrides, base)
     cfg.data.card = user_or_bundled(cfg.data.card, "data_cards")
     return cfg
 
 
 @app.command()
-def train(config: ConfigPath, overrides: Overrides = None) -> None:
+def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = False, threads: Threads = None) -> None:
     """Train a segmenter (source training, or semi-supervised with method.name=bcp|mean_teacher)."""
     from medda import api
 
     def run() -> None:
-        cfg = _config(config, overrides)
+        cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
-        result = api.train(cfg)
+        result = api.train(cfg, resume=resume)
         typer.echo(f"trained {cfg.method.name}: {result.loop.iterations} iterations in {result.loop.seconds:.0f} s")
         if result.loop.best_iteration >= 0:
             typer.echo(f"best validation Dice {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
@@ -64,11 +73,12 @@ def train(config: ConfigPath, overrides: Overrides = None) -> None:
 
 
 @app.command("train-ssl")
-def train_ssl(config: ConfigPath, overrides: Overrides = None) -> None:
+def train_ssl(config: ConfigPath, overrides: Overrides = None, resume: Resume = False,
+              threads: Threads = None) -> None:
     """Semi-supervised training plus its supervised-only twin on the same labelled cases, then a comparison."""
     from pipelines.ssl import run_ssl_with_twin
 
-    _run_with_outputs(lambda: run_ssl_with_twin(_config(config, overrides), _guarded_dirs, typer.echo))
+    _run_with_outputs(lambda: run_ssl_with_twin(_config(config, overrides, threads=threads), _guarded_dirs, typer.echo, resume=resume))
 
 
 @app.command()
@@ -76,20 +86,25 @@ def adapt(
     config: ConfigPath, overrides: Overrides = None,
     methods: Annotated[str | None, typer.Option(help="Sweep: comma-separated methods, nested runs under one parent.")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate", help="Sweep: also evaluate the source and adapted models on data.test.")] = False,
+    resume: Resume = False,
+    threads: Threads = None,
 ) -> None:
     """Source-free adaptation of `source_checkpoint` to the unlabelled cases of `data.target`."""
     from medda import api
+    from medda.errors import MeddaError
 
     def run() -> None:
-        cfg = _config(config, overrides)
+        cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
+        if resume and (methods or evaluate):
+            raise MeddaError("--resume continues one adaptation run; a sweep (--methods, --evaluate) cannot be resumed")
         if methods or evaluate:
             from medda.sweep import adapt_sweep, format_sweep, parse_methods
 
             sweep = adapt_sweep(cfg, parse_methods(methods or cfg.method.name), evaluate, typer.echo)
             typer.echo(format_sweep(sweep))
             return
-        result = api.adapt(cfg)
+        result = api.adapt(cfg, resume=resume)
         typer.echo(f"adapted with {cfg.method.name} (prior: {result.prior_source})")
         if result.collapse:
             typer.echo(f"WARNING: adaptation stopped: {result.collapse}", err=True)
@@ -108,13 +123,14 @@ def predict(
     output: Annotated[Path, typer.Argument(help="Folder for the predicted label maps (NIfTI).")],
     card: Annotated[Path, typer.Option(help="Data card of the input images.")],
     overrides: Overrides = None,
+    threads: Threads = None,
 ) -> None:
     """Predict label maps on the original image grids (sliding window, optional flip TTA)."""
     from medda import api
     from medda.config import DatasetRef
 
     def run() -> None:
-        cfg = _config(None, overrides, {"data": {"card": str(card)}, "tracking": {"enabled": False}})
+        cfg = _config(None, overrides, {"data": {"card": str(card)}, "tracking": {"enabled": False}}, threads)
         _guarded_dirs.append(output)
         paths = api.predict(checkpoint, cfg, DatasetRef(path=inputs), output)
         typer.echo(f"wrote {len(paths)} predictions to {output}")
@@ -128,12 +144,13 @@ def evaluate(
     config: ConfigPath,
     overrides: Overrides = None,
     save_predictions: Annotated[bool, typer.Option(help="Also write the predictions.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Dice, HD95, ASSD and NSD per case and class on `data.test` (mm, or voxels when spacing is unknown)."""
     from medda import api
 
     def run() -> None:
-        cfg = _config(config, overrides)
+        cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
         result = api.evaluate(checkpoint, cfg, write_predictions=save_predictions)
         typer.echo(result.table)
@@ -146,12 +163,14 @@ def evaluate(
 def demo(
     output: Annotated[Path, typer.Option(help="Working folder for phantoms, checkpoints and tables.")] = Path("demo_out"),
     quick: Annotated[bool, typer.Option(help="Tiny budgets (a smoke run, about a minute).")] = False,
+    ssl: Annotated[bool, typer.Option(help="Also train BCP with 2 labelled scans of A next to its supervised-only "
+                                      "twin (about 2.5 more minutes).")] = False,
     tracking_uri: Annotated[str, typer.Option(help="MLflow tracking URI.")] = "sqlite:///mlflow.db",
 ) -> None:
-    """The embedded default: phantoms -> train on site A -> evaluate A and B -> adapt to B -> SSL example."""
+    """The embedded default: phantoms -> train on site A -> evaluate A, D and B -> adapt to D and to B [-> SSL]."""
     from pipelines.demo import run_demo
 
-    _run_with_outputs(lambda: run_demo(output, quick=quick, tracking_uri=tracking_uri, echo=typer.echo))
+    _run_with_outputs(lambda: run_demo(output, quick=quick, ssl=ssl, tracking_uri=tracking_uri, echo=typer.echo))
 
 
 @app.command()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import typer
 
-from medda.errors import MeddaError
+from medda.errors import Interrupted, MeddaError
 
 
 def user_error(err: BaseException | None) -> str | None:
@@ -24,10 +24,14 @@ def run_guarded(action: Callable[[], int | None], on_user_error: Callable[[], No
     """Run a command's body; exit with the status it returns (0 or None: success).
 
     On a user error, call `on_user_error` (e.g. remove half-written outputs), print `medda: error: MESSAGE` on
-    stderr and exit 2.
+    stderr and exit 2. A run stopped by SIGINT/SIGTERM keeps its outputs, prints how to resume it and exits with
+    128 + the signal number.
     """
     try:
         code = action()
+    except Interrupted as stop:
+        typer.echo(f"medda: {interrupted_message(stop)}", err=True)
+        raise typer.Exit(128 + stop.signum) from None
     except (KeyboardInterrupt, SystemExit, typer.Exit):
         raise
     except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
@@ -40,3 +44,11 @@ def run_guarded(action: Callable[[], int | None], on_user_error: Callable[[], No
         raise typer.Exit(2) from None
     if code:
         raise typer.Exit(code)
+
+
+def interrupted_message(stop: Interrupted) -> str:
+    """One line: which signal stopped the run and how to continue it."""
+    what = f"stopped by {stop}"
+    if stop.resume is None:
+        return f"{what} before its first resume state was written; run the command again (without --resume)"
+    return f"{what}; resume state {stop.resume}: continue with the same command and overrides plus --resume"

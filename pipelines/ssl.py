@@ -12,13 +12,18 @@ from pathlib import Path
 
 from medda import api
 from medda.config import RunConfig
+from medda.engine.resume import RESUME_FILE
 from medda.metrics import format_table
 
 
 def run_ssl_with_twin(
-    cfg: RunConfig, outputs: list[Path], echo: Callable[[str], None], evaluate: bool = True
+    cfg: RunConfig, outputs: list[Path], echo: Callable[[str], None], evaluate: bool = True, resume: bool = False
 ) -> dict[str, api.TrainResult]:
-    """Train `cfg.method` and a `supervised` twin (same data, model, budget, seed); evaluate both on data.test."""
+    """Train `cfg.method` and a `supervised` twin (same data, model, budget, seed); evaluate both on data.test.
+
+    `resume`: continue the twin (a finished twin returns its recorded result), then the semi-supervised run, which
+    starts afresh when it never got to write a resume state (the interruption came during the twin).
+    """
     twin_cfg = cfg.model_copy(deep=True, update={
         "method": cfg.method.model_copy(update={"name": "supervised", "options": {}}),
         "output_dir": cfg.output_dir / "supervised_twin",
@@ -26,9 +31,11 @@ def run_ssl_with_twin(
     ssl_cfg = cfg.model_copy(deep=True, update={"output_dir": cfg.output_dir / cfg.method.name})
     outputs.append(cfg.output_dir)
     results: dict[str, api.TrainResult] = {}
-    twin = api.train(twin_cfg, tags={"ssl.role": "supervised_twin"})
+    twin = api.train(twin_cfg, tags={"ssl.role": "supervised_twin"}, resume=resume)
     results["supervised"] = twin
-    results[cfg.method.name] = api.train(ssl_cfg, tags={"ssl.role": "ssl", "parent.run_id": twin.run_id or ""})
+    resume_ssl = resume and (ssl_cfg.output_dir / RESUME_FILE).exists()
+    results[cfg.method.name] = api.train(ssl_cfg, tags={"ssl.role": "ssl", "parent.run_id": twin.run_id or ""},
+                                         resume=resume_ssl)
     if not evaluate:
         return results
     if cfg.data.test is None:

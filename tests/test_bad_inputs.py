@@ -450,7 +450,10 @@ def test_diverging_run_is_failed_and_never_registered(ws, mlflow_uri):
     runs = store.search_runs()
     assert [r.status for r in runs] == ["FAILED"]
     assert store.versions_for_run(runs[0].run_id) == []
-    assert not list(ws.out.glob("*.pt"))
+    # no checkpoint; the resume state is the last one before the divergence, with finite weights
+    assert [p.name for p in ws.out.glob("*.pt")] == ["resume.pt"]
+    state = torch.load(ws.out / "resume.pt", weights_only=True)["loop"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):

@@ -27,7 +27,7 @@ def write_card(path: Path, raw: dict) -> Path:
 
 def test_repository_cards_exist():
     names = {p.stem for p in CARD_FILES}
-    assert {"acdc", "la", "mscmr_bssfp", "phantom_site_a", "phantom_site_b", "phantom_site_c"} <= names
+    assert {"acdc", "la", "mscmr_bssfp", "phantom_site_a", "phantom_site_b", "phantom_site_c", "phantom_site_d"} <= names
 
 
 @pytest.mark.parametrize("path", CARD_FILES, ids=lambda p: p.stem)

@@ -286,3 +286,31 @@ def test_main_prints_only_the_error_line(workspace, nifti_writer, make_blob_case
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("medda: error: ") and "label values [9]" in err
+
+
+@pytest.mark.parametrize("command", ["train", "train-ssl", "adapt", "evaluate", "predict"])
+def test_threads_option_is_the_train_threads_override(workspace, monkeypatch, command):
+    """`--threads N` reaches the run's config as train.threads=N (and wins over a recipe override); 0 is refused."""
+    import pipelines.ssl
+    from medda import api
+    from medda.config import RunConfig
+
+    seen = []
+
+    def capture(*args, **kwargs):  # record the config's threads and stop before any work
+        seen.append(next(a for a in args if isinstance(a, RunConfig)).train.threads)
+        raise SystemExit(0)
+
+    for name in ("train", "adapt", "evaluate", "predict"):
+        monkeypatch.setattr(api, name, capture)
+    monkeypatch.setattr(pipelines.ssl, "run_ssl_with_twin", capture)
+    ckpt = str(workspace.root / "model.pt")
+    args = {"train": ["train", str(workspace.recipe()), "train.threads=2"],
+            "train-ssl": ["train-ssl", str(workspace.recipe())],
+            "adapt": ["adapt", str(workspace.recipe())],
+            "evaluate": ["evaluate", ckpt, str(workspace.recipe())],
+            "predict": ["predict", ckpt, str(workspace.dataset), str(workspace.root / "pred"), "--card", str(CARD)]}
+    result = runner.invoke(app, [*args[command], "--threads", "1"])
+    assert seen == [1], result.output
+    refused = runner.invoke(app, [*args[command], "--threads", "0"])
+    assert refused.exit_code == 2 and seen == [1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -136,7 +137,10 @@ def test_predictions_come_back_on_the_input_grid(tmp_path, nifti_writer, name, m
     )
     p = Predictor(Threshold(), data, InferenceConfig(overlap=0.25), CPU, amp=None, channels_last=False)
     chain = inference_chain(CARD, data)
-    (pred,) = predict_cases(p, [{"id": "case", "image": str(path)}], chain, progress=False)
+    with warnings.catch_warnings(record=True) as caught:  # a normal prediction prints nothing but medda's output
+        warnings.simplefilter("always")
+        (pred,) = predict_cases(p, [{"id": "case", "image": str(path)}], chain, progress=False)
+    assert not caught, [str(w.message) for w in caught]
     out = write_prediction(pred, tmp_path / "pred")
     assert out == tmp_path / "pred" / "case.nii.gz"
     back = nib.load(out)

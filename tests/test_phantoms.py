@@ -38,7 +38,7 @@ def _centroid_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def test_class_names():
     assert phantom_class_names() == ("background", "ring", "blob", "rv")
     assert phantom_class_names(with_rv=False) == ("background", "ring", "blob")
-    assert {"A", "B", "C"} <= set(SITES)
+    assert {"A", "B", "C", "D"} <= set(SITES)
 
 
 def test_generate_case_is_deterministic_and_seed_dependent():
@@ -53,7 +53,7 @@ def test_generate_case_is_deterministic_and_seed_dependent():
     assert not np.array_equal(l1, l3) and not np.array_equal(a1, a3)
 
 
-@pytest.mark.parametrize("site", ["A", "B", "C"])
+@pytest.mark.parametrize("site", ["A", "B", "C", "D"])
 def test_every_class_present_and_ring_encloses_blob(site):
     for seed in (0, 1):
         _, label, _ = generate_case(site, seed)
@@ -78,7 +78,7 @@ def test_with_rv_false_keeps_image_and_drops_label_3():
     np.testing.assert_array_equal(lab2, np.where(lab == 3, 0, lab))
 
 
-@pytest.mark.parametrize("site", ["A", "B", "C"])
+@pytest.mark.parametrize("site", ["A", "B", "C", "D"])
 def test_spacing_shape_and_affine(site):
     spacing = np.array(SITES[site].spacing)
     image, label, affine = generate_case(site, 0)
@@ -117,6 +117,23 @@ def test_sites_share_anatomy_but_differ_in_appearance():
         blob_a, blob_b = z_a[lab_a == 2].mean(), z_b[lab_b == 2].mean()
         assert ring_a < 0.3 and ring_b > 0.5 and ring_b - ring_a > 0.5
         assert (blob_a - ring_a) - (blob_b - ring_b) > 0.7
+
+
+def test_site_d_is_site_a_at_low_resolution():
+    """D keeps A's grid, anatomy and contrast order; only the point spread and the noise change (the demo's
+    shift that adaptation can undo)."""
+    img_a, lab_a, aff_a = generate_case("A", 0)
+    img_d, lab_d, aff_d = generate_case("D", 0)
+    np.testing.assert_array_equal(lab_a, lab_d)
+    np.testing.assert_array_equal(aff_a, aff_d)
+    z_a, z_d = _zscore(img_a), _zscore(img_d)
+    order = lambda z, lab: np.argsort([z[lab == k].mean() for k in (1, 2, 3)]).tolist()  # noqa: E731
+    assert order(z_a, lab_a) == order(z_d, lab_d)  # same contrast order: ring darkest
+    # Blurred: the ring/blob contrast inside the structures drops; noisier: the air is rougher.
+    contrast = lambda z, lab: z[lab == 2].mean() - z[lab == 1].mean()  # noqa: E731
+    assert contrast(z_d, lab_d) < 0.8 * contrast(z_a, lab_a)
+    air = (lab_a == 0) & (img_a < 0.05)
+    assert img_d[air].std() > 2 * img_a[air].std()
 
 
 def test_site_intensity_ranges():

@@ -53,7 +53,7 @@ class RecordingTracker(NullTracker):
         self.contexts: dict[str, int] = {}
 
     @contextlib.contextmanager
-    def run(self, name, tags=None, nested=False):
+    def run(self, name, tags=None, nested=False, run_id=None):
         self.tags.update(tags or {})
         yield self
 

@@ -173,7 +173,8 @@ def preprocessing(card: DataCard, data: DataConfig, with_label: bool, card_path:
     interp = ("bilinear", "nearest") if with_label else ("bilinear",)
     chain: list = [LoadCase(keys), CheckCase(card, card_path, with_label)]
     if card.orientation.lower() != "native":
-        chain.append(Orientationd(keys, axcodes=card.orientation))
+        # labels=None (the image's own space) is MONAI's default; passing it silences the deprecation warning.
+        chain.append(Orientationd(keys, axcodes=card.orientation, labels=None))
     if card.inplane_rot90:
         chain.append(Rotate90d(keys, k=card.inplane_rot90, spatial_axes=(0, 1)))
     if data.spacing is not None and card.spacing_known:

@@ -4,6 +4,8 @@ Iteration-based: each iteration draws one batch per stream the method needs, run
 autocast, back-propagates, steps the optimiser and LR schedule, and calls `method.after_step`. Every
 `val_every` iterations (and at the end) it calls a validator (validation Dice, or the label-free monitor
 for adaptation), keeps the best and last checkpoints, and stops early when the validator reports a collapse.
+With a `Resume`, it also writes the run's resume state and continues from one (`medda.engine.resume`); SIGINT and
+SIGTERM stop it at the end of the current iteration, after saving that state.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medda.config import OptimConfig, TrainConfig
-from medda.errors import MeddaError
+from medda.engine.resume import SIGNALS, Resume, rng_state, set_rng_state
+from medda.errors import Interrupted, MeddaError
 from medda.methods.base import Method
 from medda.runtime import autocast, memory_format
 
@@ -114,6 +117,16 @@ class _Selection:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.method.eval_model().state_dict().items()}
         return False
 
+    def state_dict(self) -> dict:
+        best_path = str(self.best_path) if self.best_path is not None else None
+        return {"best_score": self.best_score, "best_iteration": self.best_iteration, "best_path": best_path,
+                "best_state": self.best_state, "history": self.history, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_score, self.best_iteration = state["best_score"], state["best_iteration"]
+        self.best_path = Path(state["best_path"]) if state["best_path"] is not None else None
+        self.best_state, self.history, self.stopped = state["best_state"], list(state["history"]), state["stopped"]
+
 
 class _Optimisation:
     """The optimiser and LR schedule over the method's parameters; refuses a diverging step."""
@@ -144,6 +157,16 @@ class _Optimisation:
     def lr(self) -> dict[str, float]:
         return {"train/lr": self.optimizer.param_groups[0]["lr"]} if self.optimizer is not None else {}
 
+    def state_dict(self) -> dict:
+        if self.optimizer is None:
+            return {}
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+
 
 def _log_average(running: dict[str, list[float]], extra: dict[str, float], bar, log, step: int) -> None:
     """Average the step logs since the last call, show a few on the progress bar, hand them to tracking."""
@@ -167,17 +190,24 @@ def run_loop(
     one_pass_length: int | None = None,
     log_every: int = 10,
     score_initial: bool = False,
+    resume: Resume | None = None,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
 
     Args:
         streams: name -> infinite iterator of collated batches, for every name in `method.streams`.
         save: save(tag, iteration) writes the method's eval model as checkpoint `tag` ('best'/'last'/'it<N>').
-        validate: validator(eval_model, iteration); its score is maximised. None: only the last checkpoint.
+        validate: validator(eval_model, iteration); its score is maximised. None: only the last checkpoint. A
+            validator with memory (the label-free monitor) has `state_dict()`/`load_state_dict()` for resuming.
         log: receives averaged step logs and validation metrics with the iteration as step.
         one_pass_length: number of batches in one pass over the stream (for `method.one_pass`).
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
+        resume: where to write the resume state, and the state to continue from (`medda.engine.resume`).
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM (while `medda.engine.resume.SIGNALS` is active), after the current iteration
+            and, with `resume`, after saving the resume state.
     """
     fmt = memory_format(method.context.spatial_dims) if train.channels_last else None
     method.model.to(device)
@@ -185,36 +215,99 @@ def run_loop(
         method.model.to(memory_format=fmt)
     selection = _Selection(method, train, save, validate, log)
     start = time.perf_counter()
-    if score_initial:  # before `configure` resets or re-wires anything: adapting must beat the source model
-        selection.check(0)
+    previous = resume.loop if resume is not None else None
+    if score_initial and previous is None:
+        selection.check(0)  # before `configure` resets or re-wires anything: adapting must beat the source model
     total = one_pass_length if method.one_pass else train.iterations
     optimisation = _Optimisation(method, optim, total)
     running: dict[str, list[float]] = defaultdict(list)
-    it, phase = 0, method.phase(0)
-    bar = tqdm(range(total), desc=method.name, leave=False, dynamic_ncols=True)
+    first, before = 0, 0.0
+    if previous is not None:
+        first, before = previous["iteration"], previous["seconds"]
+        _restore(previous, method, optimisation, selection, validate, running, streams)
+        if previous["complete"]:
+            return _result(first, selection, Path(previous["last_path"]), before)
+
+    def snapshot(done: int, last_path: Path | None = None) -> None:
+        if resume is not None:
+            resume.save(_state(done, method, optimisation, selection, validate, running,
+                               before + time.perf_counter() - start, last_path))
+
+    def interrupted() -> Interrupted:
+        return Interrupted(SIGNALS.take(), resume.path if resume is not None else None)
+
+    if previous is None:
+        snapshot(0)
+    it, phase = first - 1, method.phase(max(first - 1, 0))
+    bar = tqdm(range(first, total), desc=method.name, leave=False, dynamic_ncols=True, initial=first, total=total)
     for it in bar:
-        if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
-            phase = method.phase(it)
-            method.start_phase(phase, selection.best_state)
-            selection.restart()  # the selected model is always one of the final phase (BCP reference)
-        batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
-        with autocast(device, amp):
-            result = method.step(batch, it)
-        optimisation.step(result.loss, it)
-        method.after_step(it)
-        for key, value in result.logs.items():
-            running[key].append(float(value))
-        if (it + 1) % log_every == 0 or it + 1 == total:
-            _log_average(running, optimisation.lr(), bar, log, it + 1)
-        phase_ends = it + 1 < total and method.phase(it + 1) != method.phase(it)
-        # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
-        due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
-        if due and it + 1 < total and selection.check(it + 1):
+        with SIGNALS.deferred():  # a signal stops the run at the end of this iteration, never inside it
+            if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
+                phase = method.phase(it)
+                method.start_phase(phase, selection.best_state)
+                selection.restart()  # the selected model is always one of the final phase (BCP reference)
+            batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
+            with autocast(device, amp):
+                result = method.step(batch, it)
+            optimisation.step(result.loss, it)
+            method.after_step(it)
+            for key, value in result.logs.items():
+                running[key].append(float(value))
+            if (it + 1) % log_every == 0 or it + 1 == total:
+                _log_average(running, optimisation.lr(), bar, log, it + 1)
+            phase_ends = it + 1 < total and method.phase(it + 1) != method.phase(it)
+            # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
+            due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
+            stop = due and it + 1 < total and selection.check(it + 1)
+            periodic = resume is not None and ((it + 1) % resume.every == 0 or phase_ends)
+            if not stop and it + 1 < total and (periodic or SIGNALS.pending is not None):
+                snapshot(it + 1)
+        if stop:
             break
+        if SIGNALS.pending is not None and it + 1 < total:
+            raise interrupted()
     bar.close()
     method.finalize()
     if not selection.stopped:
         selection.check(it + 1)
     last_path = save("last", it + 1)
-    return LoopResult(it + 1, selection.best_path, last_path, selection.best_iteration, selection.best_score,
-                      selection.history, selection.stopped, time.perf_counter() - start)
+    snapshot(it + 1, last_path)
+    if SIGNALS.pending is not None:  # the loop is complete; what follows it (tracking) is redone on resume
+        raise interrupted()
+    return _result(it + 1, selection, last_path, before + time.perf_counter() - start)
+
+
+def _result(iterations: int, selection: _Selection, last_path: Path, seconds: float) -> LoopResult:
+    return LoopResult(iterations, selection.best_path, last_path, selection.best_iteration, selection.best_score,
+                      selection.history, selection.stopped, seconds)
+
+
+def _state(done: int, method: Method, optimisation: _Optimisation, selection: _Selection, validate, running: dict,
+           seconds: float, last_path: Path | None) -> dict:
+    """The loop after `done` iterations (`last_path`: the loop is complete), as plain data for `resume.pt`."""
+    return {
+        "iteration": done, "complete": last_path is not None, "last_path": str(last_path) if last_path else None,
+        "seconds": seconds, "model": method.model.state_dict(), "method": method.state_dict(),
+        "optimisation": optimisation.state_dict(), "selection": selection.state_dict(),
+        "validator": validate.state_dict() if hasattr(validate, "state_dict") else {},
+        "running": dict(running), "rng": rng_state(),
+    }
+
+
+def _restore(state: dict, method: Method, optimisation: _Optimisation, selection: _Selection, validate,
+             running: dict, streams: dict[str, Iterator[dict]]) -> None:
+    """Put the loop back where `_state` left it; called after `configure()` (which may re-wire the model)."""
+    method.model.load_state_dict(state["model"])
+    method.load_state_dict(state["method"])
+    optimisation.load_state_dict(state["optimisation"])
+    selection.load_state_dict(state["selection"])
+    if hasattr(validate, "load_state_dict"):
+        validate.load_state_dict(state["validator"])
+    running.update(state["running"])
+    if not state["complete"]:
+        # Replay the batches of the iterations done, so iteration i draws the same batch as without the interruption
+        # (streams keep their own generators); then the global RNGs as they were after iteration `done`.
+        for _ in tqdm(range(state["iteration"]), desc="replaying batches", leave=False, dynamic_ncols=True):
+            for name in method.streams:
+                next(streams[name])
+    set_rng_state(state["rng"])

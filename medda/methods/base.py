@@ -121,6 +121,21 @@ class Method(ABC):
         """The network to validate, checkpoint and predict with."""
         return self.model
 
+    def state_dict(self) -> dict:
+        """What the method keeps besides `self.model`'s weights (which the loop saves), to resume a run exactly.
+
+        Plain tensors, numbers, strings, lists and dicts only: resume states load with weights_only=True. By default
+        the state of every `torch.Generator` attribute, so that the method's random draws continue where they
+        stopped; a method that keeps more (an EMA teacher, a phase flag) extends it.
+        """
+        return {f"generator.{name}": g.get_state() for name, g in vars(self).items() if isinstance(g, torch.Generator)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output (resume); called after `configure()` and the model's weights."""
+        for name, g in vars(self).items():
+            if isinstance(g, torch.Generator) and f"generator.{name}" in state:
+                g.set_state(state[f"generator.{name}"])
+
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 

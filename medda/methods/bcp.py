@@ -376,15 +376,10 @@ class BCP(Method):
         return self.model
 
     def state_dict(self) -> dict:
-        return {
-            "teacher": self.teacher.state_dict(),
-            "teacher_ready": self._teacher_ready,
-            "generator": self.generator.get_state(),
-        }
+        return {**super().state_dict(), "teacher": self.teacher.state_dict(), "teacher_ready": self._teacher_ready}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s output (resume)."""
+        super().load_state_dict(state)
         self.teacher.load_state_dict(state["teacher"])
-        self._teacher_ready = bool(state.get("teacher_ready", True))
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
+        self._teacher_ready = bool(state["teacher_ready"])

@@ -142,8 +142,14 @@ class MeanTeacher(Method):
         return self.model
 
     def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
+        state = {**super().state_dict(), "teacher": self.teacher.state_dict()}
+        if self._noise_gen is not None:  # created at the first step, on the batch's device
+            state["noise_device"] = str(self._noise_gen.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the teacher from `state_dict()`'s output (resume)."""
+        """Restore the teacher and the noise generator from `state_dict()`'s output (resume)."""
+        if "noise_device" in state:
+            self._noise_gen = torch.Generator(device=state["noise_device"])
+        super().load_state_dict(state)
         self.teacher.load_state_dict(state["teacher"])

@@ -7,6 +7,8 @@ Batch norm is the default: AdaBN, TENT and OSUDA adapt batch-norm layers, and MO
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +77,32 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     if broken:  # a diverged model must never become a checkpoint that is later selected or registered
         raise MeddaError(f"{path}: not saved: {len(broken)} of {len(state)} weight tensors hold NaN or infinite "
                          f"values (first: {broken[0]}); training diverged (check image intensities and optim.lr)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint behind
+    write_atomically({"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": state}, path)
     return path
+
+
+def write_atomically(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` so that a crash at any moment leaves the old file or the new one, never a mix.
+
+    The data goes to a temporary file in the same folder (same file system: the rename is atomic), is flushed to
+    disk (fsync), and replaces `path`; the folder is synced so that the rename itself survives a power loss.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # folders cannot be opened for syncing on every platform
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
