@@ -18,6 +18,7 @@ preprocessed space, averaged over classes and cases. Peak RSS: a fresh process r
 Usage (repository root):
   .venv/bin/python benchmarks/inference.py --checkpoint CKPT.pt --card data_cards/acdc.yaml \\
       --images DATALIST_OR_FOLDER [--split test] [--limit 10] [--threads 1] [--rss-shape 512 512 300]
+  .venv/bin/python benchmarks/inference.py --checkpoint CKPT.pt --card CARD --rss-only   # peak RSS only
   .venv/bin/python benchmarks/inference.py --quick   # self-check: random tiny model on phantoms, numbers mean nothing
 Writes benchmarks/results/inference.json (not with --quick) and prints a Markdown table.
 """
@@ -135,7 +136,8 @@ def rss_worker(checkpoint: str, card_path: str, shape: list[int], threads: int, 
     runtime = Runtime.setup(cfg)
     predictor, data_cfg, *_ = api._predictor_for(Path(checkpoint), cfg, runtime)
     card = load_card(card_path)
-    spacing = data_cfg.spacing or card.spacing or [1.0, 1.0, 1.0]  # the model's grid: no resampling changes the size
+    # The model's grid, so that no resampling changes the size; a card with unknown spacing (ACDC's copy): 1 mm.
+    spacing = data_cfg.spacing or (card.spacing if card.spacing_known else None) or [1.0, 1.0, 1.0]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "synthetic.nii"  # uncompressed: gzip of 300 MB of noise is slow
         volume = np.random.default_rng(0).random(shape, dtype=np.float32)
@@ -194,12 +196,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--rss-shape", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
     parser.add_argument("--quick", action="store_true", help="self-check on a random tiny model; writes nothing")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak-RSS measurement (needs --checkpoint, "
+                        "--card); prints it, writes nothing")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
         print(json.dumps(rss_worker(*json.loads(args.rss_worker))))
         return
 
+    if args.rss_only:
+        if not (args.checkpoint and args.card):
+            parser.error("--rss-only needs --checkpoint and --card")
+        r = peak_rss(args.checkpoint, args.card, tuple(args.rss_shape), args.threads, args.device)
+        print(f"{machine()}\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
+              f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; {r['seconds']:.1f} s)")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             args.checkpoint, args.card, args.images, args.split = quick_inputs(Path(tmp))

@@ -7,6 +7,7 @@ The CLI (`pipelines/`) parses a config and calls these; tests call them directly
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import medda
-from medda import evidence, lineage, metrics
+from medda import distributed, evidence, lineage, metrics
 from medda.config import DataConfig, DatasetRef, ModelConfig, OptimConfig, RunConfig, validate
 from medda.data.cards import DataCard, load_card
 from medda.data.datalist import datalist_digest, read_cases
@@ -29,13 +30,13 @@ from medda.data.transforms import (
 from medda.engine.loop import LoopResult, run_loop
 from medda.engine.resume import RESUME_FILE, Resume, header, interruptible, read_resume
 from medda.errors import MeddaError
-from medda.inference import Predictor, predict_cases, write_prediction
+from medda.inference import Predictor, predict_cases, prediction_path, readable_prediction, write_prediction
 from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
 from medda.registry import get_method, methods_for
 from medda.runtime import Runtime
 from medda.selection import LabelFreeValidator, dice_validator, recommend, snapshot_bn
-from medda.tracking import Tracker, make_tracker
+from medda.tracking import NullTracker, Tracker, make_tracker
 
 PREPROCESSING_FIELDS = ("mode", "slice_axis", "patch_size", "spacing", "foreground_crop")
 
@@ -214,7 +215,22 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
 
     `resume`: continue the interrupted run of `cfg.output_dir` (its resume.pt and MLflow run); a finished run is not
     trained again, its recorded result is returned.
+
+    Under torchrun (supervised training only) each process trains on its own batches of `train.batch_size` (data
+    streams seeded `train.seed + rank`) in one DistributedDataParallel model; rank 0 alone validates, saves
+    checkpoints and the resume state, and logs to MLflow (README "Running on several processes (torchrun)").
     """
+    if distributed.launched():
+        if cfg.method.name != "supervised":
+            distributed.refuse(f"medda train with method '{cfg.method.name}'")
+        if resume:
+            distributed.refuse("medda train --resume")
+    with distributed.session():
+        return _train(cfg, tracker, tags, resume)
+
+
+def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> TrainResult:
+    main = distributed.is_main()
     source_meta: dict | None = None
     if cfg.source_checkpoint is not None:
         cfg, model, source_meta = _from_source(cfg)
@@ -235,7 +251,9 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     selection = few_label_selection(cfg.train.select_by, bool(val_cases))
     streams, lengths = {}, {}
     if "labeled" in cls.streams:
-        streams["labeled"], lengths["labeled"] = data.stream(labeled, True, cfg.train.batch_size, cfg.train.seed)
+        # one seed per process under torchrun (rank 0: the single-process seed), so that processes draw other batches
+        streams["labeled"], lengths["labeled"] = data.stream(labeled, True, cfg.train.batch_size,
+                                                             cfg.train.seed + distributed.rank())
     if "unlabeled" in cls.streams:
         labeled_ids = {c["id"] for c in labeled}
         # Labelled cases are never also drawn as unlabelled ones (one pool per case, as in the SSL literature).
@@ -261,7 +279,7 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     method = _build_method(cfg, model, context)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    tracker = tracker or make_tracker(cfg.tracking)
+    tracker = (tracker or make_tracker(cfg.tracking)) if main else NullTracker(cfg.tracking)
 
     run_tags = {
         "medda.command": "train", "method": cfg.method.name, "card.digest": data.card.digest(),
@@ -295,14 +313,17 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
                 extra.update({"source_run_id": source_meta.get("run_id"), "source_card": source_meta["card"],
                               "adapted_to": data.card.name})
             meta = _checkpoint_meta(cfg, data, num_classes, cfg.method.name, extra)
+            if not main:  # rank 0 writes the run's checkpoints
+                return out / f"{tag}.pt"
             return save_checkpoint(out / f"{tag}.pt", method.eval_model(), meta)
 
         validate = None
-        if selection == "val_dice":
+        if selection == "val_dice" and main:
             validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
                                       data, val_cases)
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper)
+        loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
         chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})
         tracker.set_tags({"checkpoint.selected": chosen.name})
@@ -310,8 +331,10 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             tracker.log_artifact(chosen, "checkpoints")
             source_run_id = (source_meta.get("run_id") or "") if source_meta is not None else None
             lineage.register(tracker, chosen, data.card, cfg, "train", source_run_id=source_run_id)
-        result = TrainResult(chosen, loop.last_path, loop, tracker.run_id, selection)
-        keeper.finish(_record(result))
+        result = TrainResult(chosen, loop.last_path, loop, distributed.broadcast_object(tracker.run_id), selection)
+        if main:
+            keeper.finish(_record(result))
+        distributed.barrier()
         return result
 
 
@@ -368,6 +391,7 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
 
     `resume`: continue the interrupted run of `cfg.output_dir`, as in `train`.
     """
+    distributed.refuse("medda adapt")  # AdaBN/Tent/OSUDA estimate batch statistics: not per process
     cls = _adaptation_method(cfg.method.name)
     if cfg.source_checkpoint is None:
         raise MeddaError("config: field 'source_checkpoint' is required for adaptation")
@@ -493,13 +517,53 @@ def _predictor_for(
     return Predictor.on(runtime, model, data_cfg, cfg.inference, cfg.train.channels_last), data_cfg, meta, card
 
 
-def predict(checkpoint: Path, cfg: RunConfig, ref: DatasetRef, out_dir: Path) -> list[Path]:
-    """Predict every case of `ref` and write NIfTI label maps (canonical ids) on the original grids."""
-    runtime = Runtime.setup(cfg)
-    predictor, data_cfg, _, card = _predictor_for(checkpoint, cfg, runtime)
-    cases = read_cases(ref, card, str(cfg.data.card))
-    chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
-    return [write_prediction(p, out_dir) for p in predict_cases(predictor, cases, chain)]
+class Predictions(list):
+    """The prediction files of every case (in case order), with how many this call wrote and how many it found
+    already written by an earlier, interrupted call with the same model and settings."""
+
+    written: int = 0
+    skipped: int = 0
+
+
+def prediction_tag(checkpoint: Path, cfg: RunConfig, data_cfg: DataConfig, card: DataCard) -> str:
+    """What a prediction was made with, in 38 characters for its NIfTI header (`descrip`): a digest of the
+    checkpoint's bytes, the card, the preprocessing and the inference settings."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    key = {"checkpoint": digest.hexdigest(), "card": card.digest(),
+           "data": {k: getattr(data_cfg, k) for k in PREPROCESSING_FIELDS},
+           "inference": cfg.inference.model_dump(mode="json")}
+    return "medda " + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def predict(checkpoint: Path, cfg: RunConfig, ref: DatasetRef, out_dir: Path) -> Predictions:
+    """Predict every case of `ref` and write NIfTI label maps (canonical ids) on the original grids.
+
+    Resumable: each file is written atomically and carries `prediction_tag` in its header; a case whose file is
+    already there, readable and tagged with the same checkpoint, card, preprocessing and inference settings is not
+    predicted again (any other file of that name is replaced). Under torchrun the cases are split round-robin over
+    the processes (`distributed.shard`), so each is predicted by exactly one.
+    """
+    with distributed.session():
+        runtime = Runtime.setup(cfg)
+        predictor, data_cfg, _, card = _predictor_for(checkpoint, cfg, runtime)
+        cases = read_cases(ref, card, str(cfg.data.card))
+        chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
+        tag = prediction_tag(checkpoint, cfg, data_cfg, card)
+        todo = [c for c in distributed.shard(cases) if not readable_prediction(prediction_path(c["id"], out_dir), tag)]
+
+        def work() -> int:
+            for pred in predict_cases(predictor, todo, chain, progress=distributed.is_main()):
+                write_prediction(pred, out_dir, tag)
+            return len(todo)
+
+        written = distributed.gather_results(work)
+        paths = Predictions(prediction_path(c["id"], out_dir) for c in cases)
+        paths.written = sum(written)
+        paths.skipped = len(cases) - paths.written
+        return paths
 
 
 @dataclass
@@ -515,7 +579,17 @@ def evaluate(
     checkpoint: Path, cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = None,
     write_predictions: bool = False,
 ) -> EvaluationResult:
-    """Predict the labelled cases of `data.test` and compute Dice, HD95, ASSD, NSD per case and class."""
+    """Predict the labelled cases of `data.test` and compute Dice, HD95, ASSD, NSD per case and class.
+
+    Under torchrun each process predicts and scores its share of the cases (`distributed.shard`); the rows are
+    gathered on every process in case order, and rank 0 alone logs to MLflow and writes the tables and evidence.
+    """
+    with distributed.session():
+        return _evaluate(checkpoint, cfg, tracker, tags, write_predictions)
+
+
+def _evaluate(checkpoint: Path, cfg: RunConfig, tracker: Tracker | None, tags: dict | None,
+              write_predictions: bool) -> EvaluationResult:
     runtime = Runtime.setup(cfg)
     predictor, data_cfg, meta, card = _predictor_for(checkpoint, cfg, runtime)
     cases = read_cases(cfg.data.test, card, str(cfg.data.card)) if cfg.data.test else None
@@ -528,10 +602,9 @@ def evaluate(
         load_label(case["label"], card)
     chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
     class_ids = list(range(1, card.num_classes))
-    rows: list[dict] = []
-    units = set()
     out_dir = cfg.output_dir / "predictions"
-    tracker = tracker or make_tracker(cfg.tracking)
+    main = distributed.is_main()
+    tracker = (tracker or make_tracker(cfg.tracking)) if main else NullTracker(cfg.tracking)
     with interruptible(), tracker.run(cfg.tracking.run_name or f"evaluate-{meta['method']}", tags={
         "medda.command": "evaluate", "method": meta["method"], "card.digest": card.digest(), "card.name": card.name,
         "parent.run_id": meta.get("run_id") or "", "checkpoint": str(checkpoint),
@@ -543,22 +616,46 @@ def evaluate(
                             cases=cases)
         by_id = {c["id"]: c for c in cases}
         keeper = evidence.CaseKeeper(card)  # predictions wait on disk; overlays load only 3 cases
-        for pred in predict_cases(predictor, cases, chain):
-            label, affine = load_label(by_id[pred.case_id]["label"], card)
-            if label.shape != pred.label.shape:
-                raise MeddaError(f"{by_id[pred.case_id]['label']}: label grid {label.shape} differs from its image's")
-            if not np.allclose(affine, pred.affine, atol=1e-3, rtol=1e-4):
-                raise MeddaError(f"{by_id[pred.case_id]['label']}: label affine (orientation/spacing/origin) differs "
-                                 "from its image's")
-            spacing = spacing_for_metrics(card, affine)
-            case_rows = metrics.evaluate_case(pred.label, label, class_ids, card.class_names[1:], spacing)
-            rows += [{"case": pred.case_id, **r} for r in case_rows]
-            keeper.add(by_id[pred.case_id], pred.label)
-            units.add("mm" if spacing else "voxels")
-            if write_predictions:
-                write_prediction(pred, out_dir)
+
+        def work() -> tuple[list[dict], set[str]]:
+            rows: list[dict] = []
+            units: set[str] = set()
+            for pred in predict_cases(predictor, distributed.shard(cases), chain, progress=main):
+                label, affine = load_label(by_id[pred.case_id]["label"], card)
+                if label.shape != pred.label.shape:
+                    raise MeddaError(f"{by_id[pred.case_id]['label']}: label grid {label.shape} differs from its "
+                                     "image's")
+                if not np.allclose(affine, pred.affine, atol=1e-3, rtol=1e-4):
+                    raise MeddaError(f"{by_id[pred.case_id]['label']}: label affine (orientation/spacing/origin) "
+                                     "differs from its image's")
+                spacing = spacing_for_metrics(card, affine)
+                case_rows = metrics.evaluate_case(pred.label, label, class_ids, card.class_names[1:], spacing)
+                rows += [{"case": pred.case_id, **r} for r in case_rows]
+                keeper.add(by_id[pred.case_id], pred.label)
+                units.add("mm" if spacing else "voxels")
+                if write_predictions:
+                    write_prediction(pred, out_dir)
+            return rows, units
+
+        gathered = distributed.gather_results(work)
+        per_case: dict[str, list[dict]] = {}
+        for part, _ in gathered:
+            for row in part:
+                per_case.setdefault(row["case"], []).append(row)
+        rows = [row for case in cases for row in per_case.get(case["id"], [])]  # case order, as one process
+        units = set().union(*(u for _, u in gathered))
         summary = metrics.summarise(rows)
         unit = "/".join(sorted(units))
+        if distributed.active():  # the cases drawn as evidence (best, median, worst) go to rank 0
+            wanted = evidence.pick_cases(evidence.case_scores(rows))
+            handed = distributed.all_gather_object(
+                {} if main else {c: keeper.prediction(c) for c in wanted if c in keeper})
+            if not main:
+                keeper.close()
+                return EvaluationResult(rows, summary, metrics.format_table(rows), unit, None)
+            for part in handed:
+                for case, prediction in part.values():
+                    keeper.add(case, prediction)
         tracker.log_metrics({f"test/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
         tracker.log_table(rows, "evaluation/per_case.csv")
         tracker.set_tags({"metrics.units": unit})

@@ -79,12 +79,25 @@ class CaseKeeper:
     def __len__(self) -> int:
         return len(self._cases)
 
+    def __contains__(self, case_id: str) -> bool:
+        return str(case_id) in self._cases
+
+    def prediction(self, case_id: str) -> tuple[dict, np.ndarray]:
+        """A kept case and its prediction (to hand a case evaluated by another process to the one that draws)."""
+        case, path = self._cases[str(case_id)]
+        with np.load(path) as stored:
+            return case, stored["prediction"]
+
     def selected(self, scores: dict[str, float]) -> list[CaseImages]:
         """Load image, label and prediction of the best, median and worst cases (at most 3 volumes)."""
         from medda.data.transforms import LoadCase, load_label
 
         out = []
-        for case_id, roles in pick_cases({c: s for c, s in scores.items() if c in self._cases}).items():
+        # Chosen among every scored case; a case this keeper does not hold (evaluated by another process and not
+        # handed over) is left out rather than replaced, so the choice never depends on who evaluated what.
+        for case_id, roles in pick_cases(scores).items():
+            if case_id not in self._cases:
+                continue
             case, path = self._cases[case_id]
             image = LoadCase(["image"])({"image": case["image"]})["image"]
             label, affine = load_label(case["label"], self.card)

@@ -7,6 +7,7 @@ Used for validation during training, label-free monitoring during adaptation, `m
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ class Predictor:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (1, K, *spatial) for one preprocessed volume (1, C, *spatial)."""
         image = torch.as_tensor(image).float()  # plain tensor: window slicing of MetaTensors is slow
-        probs = torch.softmax(self.inferer(image, self._network), dim=1)
+        probs = _softmax_(self.inferer(image, self._network))
         if self.config.tta_flips:
             axes = [2, 3] if self.data.mode == "2d" else [2, 3, 4]
             if self.data.mode == "2d":
@@ -82,6 +83,12 @@ class Predictor:
                 probs += torch.flip(torch.softmax(flipped, dim=1), dims=[axis])
             probs /= 1 + len(axes)
         return probs
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes (dim 1) in place: a large volume's logits are not copied once more."""
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))
 
 
 def to_label(probs: torch.Tensor, largest_component: bool = False) -> torch.Tensor:
@@ -104,6 +111,29 @@ def invert_to_original(probs: torch.Tensor, preprocessed: dict, transform: Compo
     return out["pred"]
 
 
+def label_on_original(probs: torch.Tensor, preprocessed: dict, transform: Compose,
+                      largest_component: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(1, K, *S) probabilities in preprocessed space -> (uint8 label map, affine) on the original image grid.
+
+    The argmax of the inverted probabilities, computed one class at a time (invert class k, keep where it beats the
+    best so far): the inversion is linear per class, so this equals inverting all K at once, while memory holds one
+    class on the original grid instead of K (a 512 x 512 x 300 volume: BENCHMARKS.md, "Inference").
+    """
+    best = label = affine = None
+    for k in range(probs.shape[1]):
+        channel = invert_to_original(probs[:, k:k + 1], preprocessed, transform)
+        values = channel[0].as_tensor()
+        if best is None:
+            best, label, affine = values.clone(), torch.zeros(values.shape, dtype=torch.uint8), channel.affine
+            continue
+        better = values > best  # strict: ties keep the lower class, as argmax does
+        best = torch.where(better, values, best)
+        label[better] = k
+    if largest_component:
+        label = components.largest_component(label[None, None], spatial_dims=label.ndim)[0, 0]
+    return label.numpy(), np.asarray(affine, dtype=np.float64)
+
+
 @dataclass
 class CasePrediction:
     case_id: str
@@ -122,19 +152,43 @@ def predict_cases(
     for case in tqdm(cases, desc="predict", leave=False, **quiet):
         data = chain({"id": case["id"], "image": case["image"]})
         probs = predictor.probabilities(data["image"][None])
-        original = invert_to_original(probs, data, chain)
-        label = to_label(original[None], predictor.config.largest_component)[0, 0]
-        yield CasePrediction(
-            case["id"], label.numpy().astype(np.uint8), np.asarray(original.affine, dtype=np.float64),
-            probs if keep_probs else None,
-        )
+        label, affine = label_on_original(probs, data, chain, predictor.config.largest_component)
+        yield CasePrediction(case["id"], label, affine, probs if keep_probs else None)
 
 
-def write_prediction(pred: CasePrediction, out_dir: Path) -> Path:
-    """Write a label map as NIfTI with the original image's affine."""
+def prediction_path(case_id: str, out_dir: Path) -> Path:
+    """Where `write_prediction` puts the label map of `case_id`."""
+    return Path(out_dir) / f"{case_id}.nii.gz"
+
+
+def write_prediction(pred: CasePrediction, out_dir: Path, tag: str | None = None) -> Path:
+    """Write a label map as NIfTI with the original image's affine (and `tag` in the header's `descrip`).
+
+    Atomic: the file is written under a temporary name in the same folder and renamed, so a crash (or a killed
+    process) leaves either no file or a complete one, never a truncated file under the case's name.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{pred.case_id}.nii.gz"
+    path = prediction_path(pred.case_id, out_dir)
     image = nib.Nifti1Image(pred.label.astype(np.uint8), pred.affine)
     image.set_data_dtype(np.uint8)
-    nib.save(image, path)
+    if tag is not None:
+        image.header["descrip"] = tag.encode("ascii")
+    tmp = path.with_name(f".{pred.case_id}.{os.getpid()}.tmp.nii.gz")  # same suffix: nibabel picks the format by it
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def readable_prediction(path: Path, tag: str) -> bool:
+    """Whether `path` is a complete, readable NIfTI label map written with `tag` (need not be predicted again)."""
+    try:
+        image = nib.load(path)
+        if image.header["descrip"].item().decode("ascii", "replace") != tag:
+            return False
+        np.asarray(image.dataobj)  # decompresses everything: a truncated file fails here
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: predict it again
+        return False
+    return True

@@ -101,10 +101,19 @@ def apply_threads(requested: int | None) -> int:
 
 # --------------------------------------------------------------------------- device, precision, layout
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU."""
+    """'auto' -> CUDA when present, else CPU. Under torchrun, 'auto' and 'cuda' mean this process's GPU
+    (`gpu_index`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", gpu_index())
     return torch.device(name)
+
+
+def gpu_index() -> int:
+    """This process's GPU under torchrun: LOCAL_RANK, shared round-robin when a machine runs more processes than it
+    has GPUs (fine for predict/evaluate; DDP training with NCCL needs one GPU per process). 0 without torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
 
 
 def cpu_has_bf16() -> bool:

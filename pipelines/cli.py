@@ -56,12 +56,14 @@ def _config(path: Path | None, overrides: list[str] | None, base: dict | None = 
 @app.command()
 def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = False, threads: Threads = None) -> None:
     """Train a segmenter (source training, or semi-supervised with method.name=bcp|mean_teacher)."""
-    from medda import api
+    from medda import api, distributed
 
     def run() -> None:
         cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
         result = api.train(cfg, resume=resume)
+        if not distributed.is_main():  # under torchrun, rank 0 reports
+            return
         typer.echo(f"trained {cfg.method.name}: {result.loop.iterations} iterations in {result.loop.seconds:.0f} s")
         if result.loop.best_iteration >= 0:
             typer.echo(f"best validation Dice {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
@@ -90,10 +92,11 @@ def adapt(
     threads: Threads = None,
 ) -> None:
     """Source-free adaptation of `source_checkpoint` to the unlabelled cases of `data.target`."""
-    from medda import api
+    from medda import api, distributed
     from medda.errors import MeddaError
 
     def run() -> None:
+        distributed.refuse("medda adapt")  # also a sweep, before it evaluates anything
         cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
         if resume and (methods or evaluate):
@@ -126,14 +129,16 @@ def predict(
     threads: Threads = None,
 ) -> None:
     """Predict label maps on the original image grids (sliding window, optional flip TTA)."""
-    from medda import api
+    from medda import api, distributed
     from medda.config import DatasetRef
 
     def run() -> None:
         cfg = _config(None, overrides, {"data": {"card": str(card)}, "tracking": {"enabled": False}}, threads)
         _guarded_dirs.append(output)
         paths = api.predict(checkpoint, cfg, DatasetRef(path=inputs), output)
-        typer.echo(f"wrote {len(paths)} predictions to {output}")
+        if distributed.is_main():
+            kept = f" ({paths.skipped} already there from an interrupted run)" if paths.skipped else ""
+            typer.echo(f"wrote {paths.written} predictions to {output}{kept}")
 
     _run_with_outputs(run)
 
@@ -147,14 +152,15 @@ def evaluate(
     threads: Threads = None,
 ) -> None:
     """Dice, HD95, ASSD and NSD per case and class on `data.test` (mm, or voxels when spacing is unknown)."""
-    from medda import api
+    from medda import api, distributed
 
     def run() -> None:
         cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
         result = api.evaluate(checkpoint, cfg, write_predictions=save_predictions)
-        typer.echo(result.table)
-        typer.echo(f"per-case table: {cfg.output_dir / 'per_case.csv'}")
+        if distributed.is_main():
+            typer.echo(result.table)
+            typer.echo(f"per-case table: {cfg.output_dir / 'per_case.csv'}")
 
     _run_with_outputs(run)
 
@@ -223,7 +229,11 @@ _guarded_dirs: list[Path] = _OutputDirs()
 
 
 def _run_with_outputs(run: Callable[[], object]) -> None:
-    """Run a command; output folders it registered and created are removed on a user error."""
+    """Run a command; output folders it registered and created are removed on a user error.
+
+    Under torchrun (WORLD_SIZE > 1) the command runs inside one process group (`medda.distributed.session`)."""
+    from medda import distributed
+
     first = len(_guarded_dirs)  # earlier commands of this process (tests, notebooks) keep their outputs
 
     def body() -> None:
@@ -234,7 +244,8 @@ def _run_with_outputs(run: Callable[[], object]) -> None:
             if path.exists() and not _pre_existing.get(path, False):
                 shutil.rmtree(path, ignore_errors=True)
 
-    run_guarded(body, remove_new_outputs)
+    with distributed.session():
+        run_guarded(body, remove_new_outputs)
 
 
 def main() -> None:

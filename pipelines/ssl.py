@@ -10,10 +10,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from medda import api
-from medda.config import RunConfig
+from medda import api, distributed
+from medda.config import RunConfig, validate
+from medda.data.loading import Data
 from medda.engine.resume import RESUME_FILE
+from medda.errors import MeddaError
 from medda.metrics import format_table
+from medda.registry import get_method, methods_for
+
+
+def check_ssl_settings(cfg: RunConfig) -> None:
+    """Refuse, in one line, what would fail only in the semi-supervised run, before the twin trains for hours:
+    a method that is not semi-supervised, bad method options, no unlabelled cases once the labelled ones are removed.
+    """
+    cls = get_method(cfg.method.name)
+    semi_supervised = [name for name in methods_for("training") if "unlabeled" in get_method(name).streams]
+    if "unlabeled" not in cls.streams:
+        raise MeddaError(f"config: field 'method.name' is '{cls.name}', but train-ssl trains a semi-supervised method "
+                         f"({', '.join(semi_supervised)}) next to its supervised twin; for '{cls.name}' alone use "
+                         "`medda train`")
+    validate(cls.Config, cfg.method.options, f"config field 'method.options' ({cls.name})")
+    if cfg.data.unlabeled is None:
+        raise MeddaError(f"config: field 'data.unlabeled' is required: {cls.name} trains on unlabelled cases")
+    data = Data.load(cfg.data)
+    labeled = {c["id"] for c in data.cases(cfg.data.train, "train")}
+    if not [c for c in data.cases(cfg.data.unlabeled, "unlabeled") if c["id"] not in labeled]:
+        raise MeddaError("config: data.unlabeled has no cases left once the labelled ones (data.train) are removed")
 
 
 def run_ssl_with_twin(
@@ -24,6 +46,8 @@ def run_ssl_with_twin(
     `resume`: continue the twin (a finished twin returns its recorded result), then the semi-supervised run, which
     starts afresh when it never got to write a resume state (the interruption came during the twin).
     """
+    distributed.refuse("medda train-ssl")  # before the twin trains: one clear line on every rank
+    check_ssl_settings(cfg)
     twin_cfg = cfg.model_copy(deep=True, update={
         "method": cfg.method.model_copy(update={"name": "supervised", "options": {}}),
         "output_dir": cfg.output_dir / "supervised_twin",

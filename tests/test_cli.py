@@ -314,3 +314,23 @@ def test_threads_option_is_the_train_threads_override(workspace, monkeypatch, co
     assert seen == [1], result.output
     refused = runner.invoke(app, [*args[command], "--threads", "0"])
     assert refused.exit_code == 2 and seen == [1]
+
+
+@pytest.mark.parametrize(("extra", "needles"), [
+    ({"method": {"name": "supervised"}}, ["method.name", "supervised", "bcp", "medda train"]),
+    ({"method": {"name": "bcp", "options": {"no_such_option": 1}}}, ["method.options", "no_such_option"]),
+    ({"method": {"name": "mean_teacher"}}, ["data.unlabeled", "required"]),
+    ({"method": {"name": "bcp"}, "data_unlabeled": "same"}, ["data.unlabeled", "no cases left"]),
+])
+def test_train_ssl_refuses_bad_ssl_settings_before_the_twin_trains(workspace, monkeypatch, extra, needles):
+    """A mistake that only the semi-supervised run would hit is one line before anything trains (issue 13)."""
+    from medda import api
+
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("the supervised twin started training"))
+    recipe = workspace.recipe(method=extra["method"])
+    if extra.get("data_unlabeled") == "same":  # the unlabelled pool is the labelled cases: nothing left
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+        raw["data"]["unlabeled"] = {"path": str(workspace.dataset)}
+        recipe.write_text(yaml.safe_dump(raw))
+    assert_user_error(runner.invoke(app, ["train-ssl", str(recipe)]), *needles)
+    assert not workspace.out.exists()

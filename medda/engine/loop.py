@@ -10,6 +10,7 @@ SIGTERM stop it at the end of the current iteration, after saving that state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from medda import distributed
 from medda.config import OptimConfig, TrainConfig
 from medda.engine.resume import SIGNALS, Resume, rng_state, set_rng_state
 from medda.errors import Interrupted, MeddaError
@@ -142,8 +144,9 @@ class _Optimisation:
     def step(self, loss: torch.Tensor | None, it: int) -> None:
         if loss is None or self.optimizer is None:
             return
-        # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved.
-        if not torch.isfinite(loss.detach()).all():
+        # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved; under
+        # torchrun every process stops when any process's loss is not finite.
+        if not _everywhere(torch.isfinite(loss.detach()).all()):
             raise MeddaError(f"{self.method.name}: training diverged at iteration {it + 1}: the loss is "
                              f"{float(loss.detach().float().sum())}; {self.HINT}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,9 +171,21 @@ class _Optimisation:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
+def _everywhere(flag: torch.Tensor) -> bool:
+    """`flag` (a boolean tensor) holds on every process (this process's flag without torchrun)."""
+    if not distributed.active():
+        return bool(flag)
+    return all(distributed.all_gather_object(bool(flag)))
+
+
 def _log_average(running: dict[str, list[float]], extra: dict[str, float], bar, log, step: int) -> None:
-    """Average the step logs since the last call, show a few on the progress bar, hand them to tracking."""
-    averaged = {**{f"train/{k}": sum(v) / len(v) for k, v in running.items()}, **extra}
+    """Average the step logs since the last call (over every process, under torchrun), show a few on the progress
+    bar, hand them to tracking."""
+    averaged = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
+    if distributed.active():
+        parts = distributed.all_gather_object(averaged)
+        averaged = {k: sum(p[k] for p in parts) / len(parts) for k in averaged}
+    averaged = {**averaged, **extra}
     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(averaged.items())[:3]})
     if log:
         log(averaged, step)
@@ -227,9 +242,11 @@ def run_loop(
         _restore(previous, method, optimisation, selection, validate, running, streams)
         if previous["complete"]:
             return _result(first, selection, Path(previous["last_path"]), before)
+    ddp = _data_parallel(method, optimisation, device)
+    main = distributed.is_main()
 
     def snapshot(done: int, last_path: Path | None = None) -> None:
-        if resume is not None:
+        if resume is not None and main:  # under torchrun, rank 0 keeps the run's state
             resume.save(_state(done, method, optimisation, selection, validate, running,
                                before + time.perf_counter() - start, last_path))
 
@@ -239,7 +256,9 @@ def run_loop(
     if previous is None:
         snapshot(0)
     it, phase = first - 1, method.phase(max(first - 1, 0))
-    bar = tqdm(range(first, total), desc=method.name, leave=False, dynamic_ncols=True, initial=first, total=total)
+    quiet = {} if main else {"disable": True}  # one progress bar, rank 0's
+    bar = tqdm(range(first, total), desc=method.name, leave=False, dynamic_ncols=True, initial=first, total=total,
+               **quiet)
     for it in bar:
         with SIGNALS.deferred():  # a signal stops the run at the end of this iteration, never inside it
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
@@ -247,7 +266,7 @@ def run_loop(
                 method.start_phase(phase, selection.best_state)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
             batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
-            with autocast(device, amp):
+            with autocast(device, amp), _training_view(method, ddp):
                 result = method.step(batch, it)
             optimisation.step(result.loss, it)
             method.after_step(it)
@@ -259,6 +278,8 @@ def run_loop(
             # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
             due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
             stop = due and it + 1 < total and selection.check(it + 1)
+            if due and ddp is not None:  # rank 0 validates; every process follows its decision
+                stop = distributed.broadcast_object(stop)
             periodic = resume is not None and ((it + 1) % resume.every == 0 or phase_ends)
             if not stop and it + 1 < total and (periodic or SIGNALS.pending is not None):
                 snapshot(it + 1)
@@ -272,9 +293,34 @@ def run_loop(
         selection.check(it + 1)
     last_path = save("last", it + 1)
     snapshot(it + 1, last_path)
+    distributed.barrier()  # rank 0's checkpoints and state are on disk before any process goes on
     if SIGNALS.pending is not None:  # the loop is complete; what follows it (tracking) is redone on resume
         raise interrupted()
     return _result(it + 1, selection, last_path, before + time.perf_counter() - start)
+
+
+def _data_parallel(method: Method, optimisation: _Optimisation, device: torch.device):
+    """Under torchrun, the method's model wrapped in DistributedDataParallel (gradients averaged over the processes
+    at every backward pass; rank 0's weights broadcast at the start), or None in a single process."""
+    if not distributed.active() or distributed.world_size() == 1 or optimisation.optimizer is None:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(method.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _training_view(method: Method, ddp) -> Iterator[None]:
+    """`method.model` is the DDP wrapper during `step` (its forward prepares the gradient all-reduce of the backward
+    pass that follows) and the plain network everywhere else (validation, checkpoints, resume states)."""
+    if ddp is None:
+        yield
+        return
+    method.model = ddp
+    try:
+        yield
+    finally:
+        method.model = ddp.module
 
 
 def _result(iterations: int, selection: _Selection, last_path: Path, seconds: float) -> LoopResult:
