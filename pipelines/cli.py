@@ -221,8 +221,17 @@ class _OutputDirs(list):
     """Output folders registered by commands; remembers which already existed (those are never removed)."""
 
     def append(self, path: Path) -> None:
-        _pre_existing[Path(path)] = Path(path).exists()
-        super().append(Path(path))
+        from medda.errors import MeddaError
+
+        path = Path(path)
+        # Refused before any work: a file where the folder should be, or a folder nobody may write into.
+        if path.exists() and not path.is_dir():
+            raise MeddaError(f"{path}: the output folder is an existing file; expected a folder (new or existing)")
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise MeddaError(f"{path}: the output folder cannot be written ({existing} is read-only for this user)")
+        _pre_existing[path] = path.exists()
+        super().append(path)
 
 
 _guarded_dirs: list[Path] = _OutputDirs()

@@ -334,3 +334,27 @@ def test_train_ssl_refuses_bad_ssl_settings_before_the_twin_trains(workspace, mo
         recipe.write_text(yaml.safe_dump(raw))
     assert_user_error(runner.invoke(app, ["train-ssl", str(recipe)]), *needles)
     assert not workspace.out.exists()
+
+
+def test_output_folder_that_is_a_file_or_read_only_is_refused_before_work(workspace, monkeypatch):
+    """An output path that is an existing file (or a folder the user cannot write) is one line, not a traceback
+    after training (issue 13); the file is left as it was."""
+    from medda import api
+
+    monkeypatch.setattr(api, "train", lambda *a, **k: pytest.fail("training started"))
+    taken = workspace.root / "taken"
+    taken.write_text("mine\n")
+    recipe = str(workspace.recipe())
+    assert_user_error(runner.invoke(app, ["train", recipe, f"output_dir={taken}"]), str(taken), "existing file")
+    ckpt = str(workspace.root / "model.pt")
+    result = runner.invoke(app, ["predict", ckpt, str(workspace.dataset), str(taken), "--card", str(CARD)])
+    assert_user_error(result, str(taken), "existing file")
+    assert taken.read_text(encoding="utf-8") == "mine\n"
+    # root may write anywhere, so the read-only case is simulated: the nearest existing folder is not writable
+    import pipelines.cli
+
+    real_access = pipelines.cli.os.access
+    monkeypatch.setattr(pipelines.cli.os, "access",
+                        lambda path, mode: False if Path(path) == workspace.root else real_access(path, mode))
+    assert_user_error(runner.invoke(app, ["train", recipe, f"output_dir={workspace.root / 'new' / 'out'}"]),
+                      "cannot be written", "read-only")
