@@ -250,25 +250,27 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     _refuse_overlap(val_cases, test_cases, "val")
     selection = few_label_selection(cfg.train.select_by, bool(val_cases))
     streams, lengths = {}, {}
-    if "labeled" in cls.streams:
-        # one seed per process under torchrun (rank 0: the single-process seed), so that processes draw other batches
-        streams["labeled"], lengths["labeled"] = data.stream(labeled, True, cfg.train.batch_size,
-                                                             cfg.train.seed + distributed.rank())
+    unlabeled: list[dict] = []
     if "unlabeled" in cls.streams:
         labeled_ids = {c["id"] for c in labeled}
         # Labelled cases are never also drawn as unlabelled ones (one pool per case, as in the SSL literature).
         unlabeled = [c for c in data.cases(cfg.data.unlabeled, "unlabeled") if c["id"] not in labeled_ids]
         if not unlabeled:
             raise MeddaError("config: data.unlabeled has no cases left once the labelled ones are removed")
-        unlabeled_batch = cfg.train.unlabeled_batch_size or cfg.train.batch_size
-        if cls.paired_batches:  # one unlabelled volume per labelled one, also when few labelled cases exist
-            paired = min(cfg.train.batch_size, len(labeled))
-            if cfg.train.unlabeled_batch_size not in (None, paired):
-                raise MeddaError(
-                    f"config: field 'train.unlabeled_batch_size' must equal the labelled batch ({paired} volumes) "
-                    f"for method '{cls.name}', which pairs each labelled volume with an unlabelled one; leave it unset"
-                )
-            unlabeled_batch = paired
+    labeled_batch, unlabeled_batch = cfg.train.batch_size, cfg.train.unlabeled_batch_size or cfg.train.batch_size
+    if cls.paired_batches:  # one unlabelled volume per labelled one, also when few labelled or unlabelled cases exist
+        paired = min(cfg.train.batch_size, len(labeled), len(unlabeled))
+        if cfg.train.unlabeled_batch_size not in (None, paired):
+            raise MeddaError(
+                f"config: field 'train.unlabeled_batch_size' must equal the labelled batch ({paired} volumes) "
+                f"for method '{cls.name}', which pairs each labelled volume with an unlabelled one; leave it unset"
+            )
+        labeled_batch = unlabeled_batch = paired
+    if "labeled" in cls.streams:
+        # one seed per process under torchrun (rank 0: the single-process seed), so that processes draw other batches
+        streams["labeled"], lengths["labeled"] = data.stream(labeled, True, labeled_batch,
+                                                             cfg.train.seed + distributed.rank())
+    if "unlabeled" in cls.streams:
         streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch, cfg.train.seed + 1)
     if source_meta is None:  # built after the data streams, as always, so seeded initialisations are unchanged
         model = build_model(cfg.model, 2 if cfg.data.mode == "2d" else 3, num_classes)

@@ -213,3 +213,13 @@ def test_class_count_mismatch_is_refused(sites, source, tmp_path):
     with pytest.raises(MeddaError, match="maps to 3 classes but the source model predicts 4") as err:
         api.train(cfg)
     assert str(card_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bcp_pairs_batches_when_fewer_unlabelled_than_labelled_cases(sites, tmp_path):
+    """3 labelled B cases, 1 unlabelled left, batch 2: BCP pairs 1 + 1 volume per step instead of failing at its
+    first step on mismatched halves (found with a 5-case demo)."""
+    cfg = _target_cfg(sites, None, tmp_path / "bcp", "bcp", [
+        f"data.train={{path: '{sites['B']}', split: training, limit: 3}}", "train.batch_size=2",
+        "train.iterations=4", "train.val_every=4", "method.options.pretrain_iterations=1"])
+    result = api.train(cfg)
+    assert result.loop.iterations == 4 and result.last.is_file()
