@@ -104,6 +104,16 @@ def all_gather_object(obj: T) -> list[T]:
     return out
 
 
+def all_true(flag: bool) -> bool:
+    """`flag` holds on every rank: one integer all-reduce (cheap enough for every training step); `flag` alone in a
+    single process."""
+    if not active():
+        return bool(flag)
+    value = torch.tensor([int(bool(flag))], dtype=torch.int32)  # a CPU tensor: gloo, also beside NCCL
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def broadcast_object(obj: T) -> T:
     """Rank 0's `obj` on every rank (`obj` of the other ranks is ignored); `obj` in a single process."""
     if not active():

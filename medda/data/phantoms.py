@@ -29,7 +29,7 @@ import os
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -92,15 +92,21 @@ class SiteStyle:
     description: str = ""
 
 
-# Site A's contrast (unit scale): bSSFP-like, bright blood, dark myocardium.
-_A_MEANS = {"air": 0.0, "fat": 0.75, "tissue": 0.45, "lung": 0.06, "vessel": 0.85, "ring": 0.2, "blob": 0.88, "rv": 0.85}
-
 SITES: dict[str, SiteStyle] = {
     # Reference site: bSSFP-like (bright blood, dark myocardium), preprocessed floats ~0-1.
     "A": SiteStyle(
         name="A",
         spacing=(1.5, 1.5, 3.0),
-        means=dict(_A_MEANS),
+        means={
+            "air": 0.0,
+            "fat": 0.75,
+            "tissue": 0.45,
+            "lung": 0.06,
+            "vessel": 0.85,
+            "ring": 0.2,
+            "blob": 0.88,
+            "rv": 0.85,
+        },
         texture=0.08,
         gamma=1.0,
         bias_strength=0.1,
@@ -165,21 +171,12 @@ SITES: dict[str, SiteStyle] = {
         gain_jitter=0.05,
         description="bSSFP-like with gamma 1.4, ints 0-255, moderate bias, 1.6x1.6x3.2 mm",
     ),
-    # Low-resolution shift: A's contrast, grid and intensities, but a wide point spread (3 mm) and more noise, as
-    # from a fast low-resolution protocol. The features' statistics shift, the contrast order does not: the kind
-    # of shift BN-statistics and entropy-based adaptation can largely undo (the demo's "adaptable" site).
-    "D": SiteStyle(
-        name="D",
-        spacing=(1.5, 1.5, 3.0),
-        means=dict(_A_MEANS),
-        texture=0.08,
-        bias_strength=0.1,
-        noise="gaussian",
-        noise_sigma=0.08,
-        blur_mm=3.0,
-        description="A's contrast and grid at low resolution: 3 mm point spread, 3x A's noise",
-    ),
 }
+# Low-resolution shift: site A with a wide point spread (3 mm) and more noise, as from a fast low-resolution
+# protocol. The features' statistics shift, the contrast order does not: the kind of shift BN-statistics and
+# entropy-based adaptation can largely undo (the demo's "adaptable" site).
+SITES["D"] = replace(SITES["A"], name="D", noise_sigma=0.08, blur_mm=3.0,
+                     description="A's contrast and grid at low resolution: 3 mm point spread, 3x A's noise")
 
 
 def phantom_class_names(with_rv: bool = True) -> tuple[str, ...]:

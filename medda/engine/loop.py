@@ -146,7 +146,7 @@ class _Optimisation:
             return
         # A non-finite loss or weight stops the run (marked FAILED) before anything diverged is saved; under
         # torchrun every process stops when any process's loss is not finite.
-        if not _everywhere(torch.isfinite(loss.detach()).all()):
+        if not distributed.all_true(bool(torch.isfinite(loss.detach()).all())):
             raise MeddaError(f"{self.method.name}: training diverged at iteration {it + 1}: the loss is "
                              f"{float(loss.detach().float().sum())}; {self.HINT}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,13 +169,6 @@ class _Optimisation:
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _everywhere(flag: torch.Tensor) -> bool:
-    """`flag` (a boolean tensor) holds on every process (this process's flag without torchrun)."""
-    if not distributed.active():
-        return bool(flag)
-    return all(distributed.all_gather_object(bool(flag)))
 
 
 def _log_average(running: dict[str, list[float]], extra: dict[str, float], bar, log, step: int) -> None:
