@@ -71,7 +71,9 @@ def _method_context(cfg: RunConfig, num_classes: int, prior: Prior, total: int) 
 def _build_method(cfg: RunConfig, model: nn.Module, context: MethodContext) -> Method:
     cls = get_method(cfg.method.name)
     options = validate(cls.Config, cfg.method.options, f"config field 'method.options' ({cls.name})")
-    return cls(model, options, context)
+    # Under torchrun, batch norm normalises training steps with the global batch's statistics (EMA teachers,
+    # copies of `model`, too); in one process `model` is unchanged.
+    return cls(distributed.sync_batch_norm(model), options, context)
 
 
 def _method_optim(cfg: RunConfig) -> OptimConfig:
@@ -192,12 +194,23 @@ def _refuse_class_mismatch(card_path: Path, card: DataCard, meta: dict) -> None:
         )
 
 
+def _load_source(path: Path) -> tuple[nn.Module, dict]:
+    """A source model and its metadata, refused in one line without the data card it was trained on (its digest
+    ties every adapted or fine-tuned model to its source in the audit chain)."""
+    model, meta = load_model(path)
+    card = meta.get("card")
+    if not isinstance(card, dict) or "digest" not in card:
+        raise MeddaError(f"{path}: field 'meta.card' missing or without a digest: a source model must record the data "
+                         "card it was trained on (checkpoints written by `medda train` do)")
+    return model, meta
+
+
 def _from_source(cfg: RunConfig) -> tuple[RunConfig, nn.Module, dict]:
     """Start from `cfg.source_checkpoint`: its network and weights, its model config and preprocessing geometry.
 
     The target card keeps its own intensities and label map (as in `adapt`); returns (updated cfg, model, meta).
     """
-    model, meta = load_model(cfg.source_checkpoint)
+    model, meta = _load_source(cfg.source_checkpoint)
     cfg = cfg.model_copy(deep=True, update={
         "data": cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS}),
         "model": ModelConfig.model_validate(meta["model"]),  # already validated by load_model
@@ -216,15 +229,14 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     `resume`: continue the interrupted run of `cfg.output_dir` (its resume.pt and MLflow run); a finished run is not
     trained again, its recorded result is returned.
 
-    Under torchrun (supervised training only) each process trains on its own batches of `train.batch_size` (data
-    streams seeded `train.seed + rank`) in one DistributedDataParallel model; rank 0 alone validates, saves
-    checkpoints and the resume state, and logs to MLflow (README "Running on several processes (torchrun)").
+    Under torchrun each process trains on its own batches of `train.batch_size` (labelled and unlabelled streams
+    seeded per rank) in one DistributedDataParallel model with synchronised batch norm; EMA teachers follow the
+    identical averaged student on every rank, so they stay identical too. Rank 0 alone validates (BCP's second
+    stage starts from its choice on every rank), saves checkpoints and the resume state, and logs to MLflow
+    (README "Running on several processes (torchrun)").
     """
-    if distributed.launched():
-        if cfg.method.name != "supervised":
-            distributed.refuse(f"medda train with method '{cfg.method.name}'")
-        if resume:
-            distributed.refuse("medda train --resume")
+    if distributed.launched() and resume:
+        distributed.refuse("medda train --resume")
     with distributed.session():
         return _train(cfg, tracker, tags, resume)
 
@@ -271,7 +283,13 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
         streams["labeled"], lengths["labeled"] = data.stream(labeled, True, labeled_batch,
                                                              cfg.train.seed + distributed.rank())
     if "unlabeled" in cls.streams:
-        streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch, cfg.train.seed + 1)
+        # rank 0: the single-process seed; other ranks far from every rank's labelled seed
+        streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch,
+                                                                 cfg.train.seed + 1 + 100_003 * distributed.rank())
+    if not cfg.data.cache:  # cached streams read every case when they are built: refused before anything exists
+        data.check(labeled, True)
+        data.check(unlabeled, False)
+    data.check(val_cases, True)
     if source_meta is None:  # built after the data streams, as always, so seeded initialisations are unchanged
         model = build_model(cfg.model, 2 if cfg.data.mode == "2d" else 3, num_classes)
     # The class prior of the labelled data in the training geometry travels with the checkpoint (adaptation).
@@ -375,7 +393,7 @@ def _prior(cfg: RunConfig, meta: dict, data: Data, target_cases: list[dict]) -> 
         return Prior.from_record(measure_class_prior(data.card, cfg.data, labeled, data.card_path), names, "oracle")
     if meta.get("class_prior"):
         return Prior.from_record(meta["class_prior"], names, "train")
-    stats = meta["class_ratio_prior"][cfg.data.mode]
+    stats = (meta.get("class_ratio_prior") or {}).get(cfg.data.mode)  # absent: a checkpoint not from medda train
     return Prior(stats, None, "card") if stats else Prior(None, None, "none")
 
 
@@ -392,12 +410,24 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     """Adapt a source checkpoint to unlabelled target cases; choose and recommend a model without labels.
 
     `resume`: continue the interrupted run of `cfg.output_dir`, as in `train`.
+
+    Under torchrun each process adapts on its own target batches (streams seeded `train.seed + rank`; AdaBN's pass
+    dealt out batch by batch) in one DistributedDataParallel model whose batch norm uses the statistics of all the
+    processes' batches together: the same adaptation as one process on the union of the batches. Rank 0 alone
+    monitors without labels, saves checkpoints and logs to MLflow; every process returns its result.
     """
-    distributed.refuse("medda adapt")  # AdaBN/Tent/OSUDA estimate batch statistics: not per process
+    if distributed.launched() and resume:
+        distributed.refuse("medda adapt --resume")
+    with distributed.session():
+        return _adapt(cfg, tracker, tags, resume)
+
+
+def _adapt(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> AdaptResult:
+    main = distributed.is_main()
     cls = _adaptation_method(cfg.method.name)
     if cfg.source_checkpoint is None:
         raise MeddaError("config: field 'source_checkpoint' is required for adaptation")
-    model, meta = load_model(cfg.source_checkpoint)
+    model, meta = _load_source(cfg.source_checkpoint)
     # The model dictates preprocessing geometry; the target card dictates its own intensities and labels.
     cfg = cfg.model_copy(deep=True, update={
         "data": cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS}),
@@ -414,12 +444,15 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
         _refuse_overlap(labeled_target, data.cases(cfg.data.test, "test") if cfg.data.test else [], "train")
     prior = _prior(cfg, meta, data, target)
     method = _build_method(cfg, model, _method_context(cfg, meta["num_classes"], prior, cfg.train.iterations))
-    tracker = tracker or make_tracker(cfg.tracking)
+    tracker = (tracker or make_tracker(cfg.tracking)) if main else NullTracker(cfg.tracking)
     marginal = torch.tensor(prior.marginal) if prior.marginal else None
     no_flips = cfg.inference.model_copy(update={"tta_flips": False})
     label_free = LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
                                     data, target, marginal, snapshot_bn(model), cfg.selection)
     streams, length = _adaptation_streams(cls, data, cfg, target, labeled_target)
+    if not cfg.data.cache and not cls.one_pass:  # as in `train`: every case read before anything exists
+        data.check(target, False)
+        data.check(labeled_target, True)
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     run_id = previous["run_id"] if previous else None
     with interruptible(keeper), tracker.run(cfg.tracking.run_name or f"adapt-{cfg.method.name}", tags={
@@ -432,40 +465,44 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
             _log_inputs(tracker, data, {"target-adapt": target, **({"target-labeled": labeled_target}
                                                                       if labeled_target else {})})
         save = _adapted_checkpoint_writer(cfg, data, meta, method, tracker, prior.source)
-        loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, label_free,
-                        tracker.log_metrics, one_pass_length=length, score_initial=True, resume=keeper)
-        choice = recommend(label_free.state.history, loop, cfg.selection, marginal is not None,
-                           supervised_cases=len(labeled_target))
+        loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save,
+                        label_free if main else None, tracker.log_metrics, one_pass_length=length,
+                        score_initial=True, resume=keeper)
+        # rank 0's monitoring history and selection, on every process
+        loop, history = distributed.broadcast_object((loop, label_free.state.history))
+        choice = recommend(history, loop, cfg.selection, marginal is not None, supervised_cases=len(labeled_target))
         recommended_path = choice.adapted if choice.recommended else Path(cfg.source_checkpoint)
         tracker.set_tags({"recommended": str(choice.recommended).lower(), "recommendation.reason": choice.reason,
                           "collapse": loop.stopped_early or "none"})
-        tracker.log_json(label_free.state.history, "monitoring/label_free.json")
-        evidence.log_adaptation_evidence(tracker, label_free.state.history, cfg.output_dir / "evidence",
-                                         loop.best_iteration, loop.stopped_early, cfg.selection.margin,
-                                         data.card.class_names)
+        tracker.log_json(history, "monitoring/label_free.json")
+        if main:
+            evidence.log_adaptation_evidence(tracker, history, cfg.output_dir / "evidence", loop.best_iteration,
+                                             loop.stopped_early, cfg.selection.margin, data.card.class_names)
         if cfg.tracking.log_checkpoint:
             tracker.log_artifact(choice.adapted, "checkpoints")
             lineage.register(tracker, choice.adapted, data.card, cfg, "adapt", candidate=choice.recommended,
                              source_run_id=meta.get("run_id") or "",
                              extra={"recommended": str(choice.recommended).lower(), "prior.source": prior.source})
         result = AdaptResult(recommended_path, choice.adapted, choice.recommended, choice.reason, loop.stopped_early,
-                             choice.source_stats, choice.chosen_stats, label_free.state.history, tracker.run_id,
-                             prior.source)
-        keeper.finish(_record(result))
+                             choice.source_stats, choice.chosen_stats, history,
+                             distributed.broadcast_object(tracker.run_id), prior.source)
+        if main:
+            keeper.finish(_record(result))
+        distributed.barrier()
         return result
 
 
 def _adaptation_streams(cls: type[Method], data: Data, cfg: RunConfig, target: list[dict],
                         labeled_target: list[dict]) -> tuple[dict, int]:
     """The method's batch streams and the length of one pass: a complete, ordered pass for one-pass estimators."""
-    batch = cfg.train.batch_size
+    batch, seed = cfg.train.batch_size, cfg.train.seed + distributed.rank()  # under torchrun: other batches per rank
     if "labeled" in cls.streams:
-        stream, length = data.stream(labeled_target, True, batch, cfg.train.seed)
+        stream, length = data.stream(labeled_target, True, batch, seed)
         return {"labeled": stream}, length
     if cls.one_pass:
         stream, length = data.full_pass(target, batch * cfg.data.samples_per_volume)
         return {"unlabeled": stream}, length
-    stream, length = data.stream(target, False, batch, cfg.train.seed)
+    stream, length = data.stream(target, False, batch, seed)
     return {"unlabeled": stream}, length
 
 
@@ -489,9 +526,11 @@ def _adapted_checkpoint_writer(cfg: RunConfig, data: Data, meta: dict, method: M
     def save(tag: str, iteration: int) -> Path:
         extra = {"iteration": iteration, "tag": tag, "run_id": tracker.run_id, "source_run_id": meta.get("run_id"),
                  "source_card": meta["card"], "adapted_to": data.card.name, "prior.source": prior_source,
-                 "class_ratio_prior": meta["class_ratio_prior"], "class_prior": meta.get("class_prior")}
+                 "class_ratio_prior": meta.get("class_ratio_prior"), "class_prior": meta.get("class_prior")}
         m = _checkpoint_meta(cfg, data, meta["num_classes"], cfg.method.name, extra)
         m["model"], m["class_names"] = meta["model"], meta["class_names"]
+        if not distributed.is_main():  # rank 0 writes the run's checkpoints
+            return cfg.output_dir / f"{tag}.pt"
         return save_checkpoint(cfg.output_dir / f"{tag}.pt", method.eval_model(), m)
 
     return save

@@ -8,8 +8,11 @@ helper here is a no-op (rank 0 of 1): a single process behaves exactly as before
 
 What runs on several processes (README "Running on several processes (torchrun)"): `medda predict` and
 `medda evaluate` split their cases round-robin over the ranks (`shard`), and rank 0 alone writes tables and logs to
-MLflow; supervised `medda train` trains one DistributedDataParallel model (`medda.engine.loop`), rank 0 validating,
-checkpointing and tracking. Commands that are not supported under torchrun yet refuse in one line (`refuse`).
+MLflow; supervised `medda train` and `medda adapt` train one DistributedDataParallel model (`medda.engine.loop`),
+rank 0 validating, checkpointing and tracking. Batch normalisation computes its batch statistics over the global
+batch of all ranks during training steps (`sync_batch_norm`), so AdaBN, Tent, OSUDA, AdaMI and BN-normalised
+training mean the same under torchrun as in one process fed the union of the ranks' batches. Commands that are not
+supported under torchrun yet refuse in one line (`refuse`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from medda.errors import MeddaError
 from medda.runtime import gpu_index
@@ -158,3 +162,95 @@ def refuse(command: str) -> None:
             f"{command} is not supported under torchrun yet (WORLD_SIZE={world_size()}); run it as one process, "
             "without torchrun (README 'Running on several processes (torchrun)')"
         )
+
+
+# --------------------------------------------------------------------------------------------- batch statistics
+# torch.nn.SyncBatchNorm refuses CPU tensors (gloo), so medda synchronises batch norm itself: the same all-reduce
+# of per-channel sums, through `_SummedOverRanks`, whose backward all-reduces the gradients of the statistics, so
+# gradients are those of the global batch (as SyncBatchNorm's backward).
+_SYNCING = False
+
+
+class _SummedOverRanks(torch.autograd.Function):
+    """Sum of a tensor over every rank; the gradient of each rank's input is the sum of every rank's gradient of
+    the output (each rank's loss depends on the statistics through its own output)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone()
+        dist.all_reduce(summed)
+        return summed
+
+
+@contextlib.contextmanager
+def synced_batch_statistics() -> Iterator[None]:
+    """Within the block (a training step, entered by every rank), batch-norm layers converted by `sync_batch_norm`
+    normalise with the statistics of the global batch. Outside it (rank 0's validation, prediction) they are plain
+    batch norm, so a forward on one rank never waits for the others."""
+    global _SYNCING
+    before, _SYNCING = _SYNCING, active() and world_size() > 1
+    try:
+        yield
+    finally:
+        _SYNCING = before
+
+
+class _SyncedBatchNorm:
+    """Mixin of the synced classes below: batch norm whose batch statistics are those of every rank's batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        uses_batch_stats = self.training or self.running_mean is None
+        if not (_SYNCING and uses_batch_stats):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        x32 = x.float()
+        local_count = x32.new_tensor([x.numel() / max(x.shape[1], 1)])
+        sums = _SummedOverRanks.apply(torch.cat([x32.sum(dims), local_count]))  # one collective: sums and the count
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        centred = x32 - mean.view(shape)
+        var = _SummedOverRanks.apply((centred * centred).sum(dims)) / count  # two-pass: as exact as one process's
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():  # running variance unbiased, as torch's batch norm keeps it
+                self.running_mean.mul_(1 - factor).add_(factor * mean.detach())
+                self.running_var.mul_(1 - factor).add_(factor * var.detach() * count / (count - 1).clamp(min=1))
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class SyncedBatchNorm1d(_SyncedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class SyncedBatchNorm2d(_SyncedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class SyncedBatchNorm3d(_SyncedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_SYNCED = {nn.BatchNorm1d: SyncedBatchNorm1d, nn.BatchNorm2d: SyncedBatchNorm2d, nn.BatchNorm3d: SyncedBatchNorm3d}
+
+
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm{1,2,3}d of `model` a synced one, in place (its class only: parameters, buffers,
+    momentum and flags stay, and its state dict is unchanged, so checkpoints load into plain models). Under
+    torchrun with more than one process only; otherwise `model` is returned untouched."""
+    if active() and world_size() > 1:
+        for module in model.modules():
+            if type(module) in _SYNCED:
+                module.__class__ = _SYNCED[type(module)]
+    return model

@@ -96,18 +96,20 @@ def adapt(
     from medda.errors import MeddaError
 
     def run() -> None:
-        distributed.refuse("medda adapt")  # also a sweep, before it evaluates anything
         cfg = _config(config, overrides, threads=threads)
         _guarded_dirs.append(cfg.output_dir)
         if resume and (methods or evaluate):
             raise MeddaError("--resume continues one adaptation run; a sweep (--methods, --evaluate) cannot be resumed")
         if methods or evaluate:
+            distributed.refuse("medda adapt --methods/--evaluate")  # a sweep: before it evaluates anything
             from medda.sweep import adapt_sweep, format_sweep, parse_methods
 
             sweep = adapt_sweep(cfg, parse_methods(methods or cfg.method.name), evaluate, typer.echo)
             typer.echo(format_sweep(sweep))
             return
         result = api.adapt(cfg, resume=resume)
+        if not distributed.is_main():  # under torchrun, rank 0 reports
+            return
         typer.echo(f"adapted with {cfg.method.name} (prior: {result.prior_source})")
         if result.collapse:
             typer.echo(f"WARNING: adaptation stopped: {result.collapse}", err=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 
 import typer
@@ -20,12 +22,26 @@ def user_error(err: BaseException | None) -> str | None:
     return None
 
 
+def disk_full(err: BaseException | None) -> str | None:
+    """One line for a full disk or exhausted quota anywhere in `err`'s chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {err.filename}" if err.filename else ""
+            return (f"no space left on the device{where} ({os.strerror(err.errno)}); outputs written so far are kept: "
+                    "free some space and run the command again (train, train-ssl and adapt continue with --resume)")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_guarded(action: Callable[[], int | None], on_user_error: Callable[[], None] | None = None) -> None:
     """Run a command's body; exit with the status it returns (0 or None: success).
 
     On a user error, call `on_user_error` (e.g. remove half-written outputs), print `medda: error: MESSAGE` on
-    stderr and exit 2. A run stopped by SIGINT/SIGTERM keeps its outputs, prints how to resume it and exits with
-    128 + the signal number.
+    stderr and exit 2. A full disk prints one line and exits 2 too, keeping the outputs (checkpoints are written
+    atomically, so none is half-written; the resume state lets the run continue). A run stopped by SIGINT/SIGTERM
+    keeps its outputs, prints how to resume it and exits with 128 + the signal number.
     """
     try:
         code = action()
@@ -35,6 +51,10 @@ def run_guarded(action: Callable[[], int | None], on_user_error: Callable[[], No
     except (KeyboardInterrupt, SystemExit, typer.Exit):
         raise
     except BaseException as err:  # noqa: BLE001 - classify, then re-raise internal bugs
+        full = disk_full(err)
+        if full is not None:  # not the user's input: the outputs (resume states) are kept for the rerun
+            typer.echo(f"medda: error: {full}", err=True)
+            raise typer.Exit(2) from None
         message = user_error(err)
         if message is None:
             raise

@@ -46,7 +46,14 @@ def run_ssl_with_twin(
     `resume`: continue the twin (a finished twin returns its recorded result), then the semi-supervised run, which
     starts afresh when it never got to write a resume state (the interruption came during the twin).
     """
-    distributed.refuse("medda train-ssl")  # before the twin trains: one clear line on every rank
+    if distributed.launched() and resume:  # before the twin trains: one clear line on every rank
+        distributed.refuse("medda train-ssl --resume")
+    with distributed.session():  # one process group for both trainings and every evaluation
+        return _run_ssl_with_twin(cfg, outputs, echo if distributed.is_main() else (lambda _: None), evaluate, resume)
+
+
+def _run_ssl_with_twin(cfg: RunConfig, outputs: list[Path], echo: Callable[[str], None], evaluate: bool,
+                       resume: bool) -> dict[str, api.TrainResult]:
     check_ssl_settings(cfg)
     twin_cfg = cfg.model_copy(deep=True, update={
         "method": cfg.method.model_copy(update={"name": "supervised", "options": {}}),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import toy_card_fields
+from conftest import file_hashes, toy_card_fields
 from typer.testing import CliRunner
 
 from medda.config import ModelConfig, TrackingConfig, load_config
@@ -233,6 +233,55 @@ def test_training_refuses_bad_data(ws, kind):
     assert_user_error(result, *needles)
     assert not ws.out.exists()
     assert ws.hashes() == before
+
+
+@pytest.mark.parametrize("where", ["unlabeled_without_cache", "val"])
+def test_a_bad_case_read_late_is_refused_before_a_run_or_folder_exists(ws, where):
+    """Cases that would be read only during training (unlabelled cases without the cache; validation cases at the
+    first validation) are checked before work starts: one line, no output folder, no MLflow run, inputs unchanged.
+    (Labelled training cases are read up front anyway, by the class-prior measurement.)"""
+    from medda.tracking import TrackingStore
+
+    _, needles = _intensity_overflow(ws)  # dataset case1: finite voxels whose z-score overflows
+    entry = {i: {"image": str(ws.dataset / "images" / f"case{i}.nii.gz"),
+                 "label": str(ws.dataset / "labels" / f"case{i}.nii.gz")} for i in (0, 1)}
+    datalist = ws.root / "datalist.json"
+    datalist.write_text(json.dumps({"training": [entry[0]], "late": [entry[1]]}), encoding="utf-8")
+    db = ws.root / "runs.db"
+    recipe = ws.recipe(tracking={"enabled": True, "uri": f"sqlite:///{db}"},
+                       train={"iterations": 2, "batch_size": 1, "val_every": 1, "amp": "off", "threads": 1})
+    raw = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    raw["data"]["train"] = {"path": str(datalist), "split": "training"}
+    late = {"path": str(datalist), "split": "late"}
+    if where == "val":
+        raw["data"]["val"] = late
+    else:
+        raw["data"].update(unlabeled=late, cache=False)
+        raw["method"] = {"name": "mean_teacher"}
+    recipe.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    before = file_hashes(ws.dataset)
+    assert_user_error(runner.invoke(app, ["train", str(recipe)]), *needles)
+    assert not ws.out.exists()
+    assert not db.exists() or not TrackingStore(f"sqlite:///{db}").search_runs()
+    assert file_hashes(ws.dataset) == before
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_outputs(ws, monkeypatch):
+    """ENOSPC while a checkpoint or resume state is written: one line naming the file, exit 2, no half-written
+    file, and the output folder kept (a resume state written earlier lets the run continue once space is freed)."""
+    import errno
+    import os
+
+    import medda.models.factory as factory
+
+    def full(obj, handle, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), handle.name)
+
+    monkeypatch.setattr(factory.torch, "save", full)
+    line = assert_user_error(runner.invoke(app, ["train", str(ws.recipe())]), "no space left on the device",
+                             "while writing", str(ws.out), "--resume")
+    assert ws.out.is_dir(), line
+    assert not list(ws.out.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------------------------- data cards

@@ -1,4 +1,5 @@
-"""Several processes (torchrun, gloo on CPU): sharded, resumable `medda predict` and `medda evaluate`.
+"""Several processes (torchrun, gloo on CPU): sharded, resumable `medda predict` and `medda evaluate`; DDP training
+and adaptation with synchronised batch norm.
 
 The multi-process tests launch `python -m torch.distributed.run --standalone --nproc_per_node 2` on five tiny phantom
 cases (40 x 40 x 16 voxels) and compare with one process running the same command: every case is written exactly
@@ -42,6 +43,7 @@ def _checkpoint(path: Path) -> Path:
         "model": ModelConfig(channels=[8, 16]).model_dump(mode="json"),
         "spatial_dims": 3, "num_classes": 4, "class_names": ["background", "ring", "blob", "rv"],
         "data": {"mode": "3d", "slice_axis": 2, "patch_size": [16, 16, 8], "spacing": None, "foreground_crop": True},
+        "card": {"name": "phantom_site_a", "site": "A", "digest": "0" * 12, "spacing": None},
         "method": "supervised",
     }
     return save_checkpoint(path, model.eval(), meta)
@@ -67,13 +69,14 @@ def ws(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, datalist=datalist, ckpt=_checkpoint(root / "model.pt"), recipe=recipe)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`medda ARGS` under torchrun with `nproc` CPU processes (gloo), one thread each."""
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str, ...] = ("-m", "pipelines.cli")
+             ) -> subprocess.CompletedProcess:
+    """`medda ARGS` (or `program ARGS`) under torchrun with `nproc` CPU processes (gloo), one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
            "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MEDDA_TRACKING", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipelines.cli", *args]
+           *program, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -135,17 +138,14 @@ def test_commands_that_are_not_distributed_yet_refuse(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     cfg = load_config(None, [f"data.card={CARD}", f"source_checkpoint={tmp_path / 'none.pt'}"])
-    bcp = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "bcp"})})
-    for call, needle in ((lambda: api.adapt(cfg), "medda adapt"),
-                         (lambda: api.train(bcp), "medda train with method 'bcp'"),
-                         (lambda: api.train(cfg, resume=True), "medda train --resume")):
+    from pipelines.ssl import run_ssl_with_twin
+
+    for call, needle in ((lambda: api.adapt(cfg, resume=True), "medda adapt --resume"),
+                         (lambda: api.train(cfg, resume=True), "medda train --resume"),
+                         (lambda: run_ssl_with_twin(cfg, [], print, resume=True), "medda train-ssl --resume")):
         with pytest.raises(MeddaError, match="not supported under torchrun yet") as err:
             call()
         assert needle in str(err.value) and "\n" not in str(err.value)
-    from pipelines.ssl import run_ssl_with_twin
-
-    with pytest.raises(MeddaError, match="medda train-ssl is not supported under torchrun yet"):
-        run_ssl_with_twin(cfg, [], print)
 
 
 def test_predict_resumes_only_what_is_missing_or_broken(ws, tmp_path):
@@ -214,6 +214,24 @@ def test_sharded_predict_writes_every_case_once_and_resumes(ws, single):
 
 
 @pytest.mark.slow
+def test_a_killed_rank_costs_only_the_cases_it_had_not_written(ws, single):
+    """Rank 1 is SIGKILLed after its first file (tests/kill_one_rank.py); torchrun stops rank 0. Rerunning the
+    command predicts exactly the cases without a file and leaves every file written before untouched."""
+    out = ws.root / "ddp_killed"
+    killed = torchrun(*_predict_args(ws, out), program=(str(REPO / "tests" / "kill_one_rank.py"),))
+    assert killed.returncode != 0
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    assert 1 <= len(before) < CASES, killed.stdout + killed.stderr  # rank 1 wrote one of its two cases
+    again = torchrun(*_predict_args(ws, out))
+    assert again.returncode == 0, again.stdout + again.stderr
+    missing = CASES - len(before)
+    assert f"wrote {missing} predictions to {out} ({len(before)} already there" in again.stdout, again.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # untouched
+    _assert_same_labels(_labels(out), single.labels)
+    assert sorted(p.name for p in out.iterdir()) == sorted(single.labels)  # no temporary file left
+
+
+@pytest.mark.slow
 def test_sharded_evaluate_equals_one_process_and_logs_one_run(ws, single):
     from medda.tracking import TrackingStore
 
@@ -239,22 +257,29 @@ def test_sharded_evaluate_equals_one_process_and_logs_one_run(ws, single):
 
 @pytest.mark.slow
 def test_refused_under_torchrun_with_one_line(ws):
-    recipe = ws.recipe("ddp_adapt")
-    run = torchrun("adapt", str(recipe), f"source_checkpoint={ws.ckpt}")
+    recipe = ws.recipe("ddp_sweep")
+    run = torchrun("adapt", str(recipe), f"source_checkpoint={ws.ckpt}", "--methods", "adabn,tent")
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if line.startswith("medda: error:")]
-    assert lines and all("medda adapt is not supported under torchrun yet" in line for line in lines), run.stderr
+    assert lines and all("medda adapt --methods/--evaluate is not supported under torchrun yet" in line
+                         for line in lines), run.stderr
+    assert not (ws.root / "ddp_sweep").exists()
 
 
 # --------------------------------------------------------------------------------------------- DDP training
 @pytest.mark.slow
-def test_ddp_training_equals_one_process_on_the_same_global_batch(tmp_path):
-    """2 processes x 2 samples (DDP, gloo) == 1 process x 4 samples, the same samples, through `run_loop`.
+def test_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
+    """2 processes x 2 samples (DDP, gloo, synchronised batch norm) == 1 process x 4 samples, the same samples,
+    through `run_loop`: supervised training with instance and with batch norm, AdaBN's statistics, Tent's weights;
+    mean teacher's and BCP's students and EMA teachers are bit-identical on both processes.
 
     Synthetic in-memory batches (tests/ddp_equivalence.py) rather than the data pipeline, whose random patches and
-    augmentation per process cannot reproduce one process's global batch. Tolerance: atol 1e-5 (measured ~1e-8:
-    the all-reduce sums the two halves' gradients in another order than one batch does).
+    augmentation per process cannot reproduce one process's global batch. Tolerance: atol 1e-5 (measured 1e-7: the
+    all-reduce sums the two halves in another order than one batch does). Without the all-reduce of the
+    statistics' gradients, Tent's weights differ by 8e-3: the comparison can fail.
     """
+    import ddp_equivalence
+
     script = str(REPO / "tests" / "ddp_equivalence.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
     (tmp_path / "one").mkdir()
@@ -266,14 +291,68 @@ def test_ddp_training_equals_one_process_on_the_same_global_batch(tmp_path):
                           str(tmp_path / "ddp")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert ddp.returncode == 0, ddp.stderr
-    single = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
-    parallel = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    torch.manual_seed(1)
-    start = build_model(ModelConfig(channels=[8, 16], norm="instance"), 3, 3).state_dict()
-    assert max((single[k] - start[k]).abs().max() for k in start) > 1e-3  # training moved the weights
-    assert single.keys() == parallel.keys()
-    for key in single:
-        torch.testing.assert_close(parallel[key], single[key], atol=1e-5, rtol=0, msg=key)
+    for mode in ddp_equivalence.METHODS:
+        single = torch.load(tmp_path / "one" / f"{mode}.pt", weights_only=True)
+        parallel = torch.load(tmp_path / "ddp" / f"{mode}.pt", weights_only=True)
+        start = ddp_equivalence.start_model(mode).state_dict()
+        moved = max(float((single[k] - start[k]).abs().max()) for k in single if single[k].is_floating_point())
+        assert moved > 1e-3, mode  # training (AdaBN: its statistics) moved the state
+        assert single.keys() == parallel.keys()
+        for key in single:
+            torch.testing.assert_close(parallel[key], single[key], atol=1e-5, rtol=0, msg=f"{mode}: {key}")
+        if mode == "adabn":  # statistics only: every parameter bit-identical
+            assert all(torch.equal(single[k], start[k]) for k, _ in ddp_equivalence.start_model(mode).named_parameters())
+    for mode in ddp_equivalence.TEACHER_METHODS:  # EMA teachers (and students) identical on every rank
+        ranks = [torch.load(tmp_path / "ddp" / f"{mode}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        start = ddp_equivalence.start_model(mode).state_dict()
+        for part in ("student", "teacher"):
+            assert max(float((ranks[0][part][k] - start[k]).abs().max()) for k in start
+                       if start[k].is_floating_point()) > 1e-3, (mode, part)
+            for key in ranks[0][part]:
+                assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{mode} {part}: {key}"
+
+
+@pytest.mark.slow
+def test_ddp_train_ssl_command_reports_once(ws):
+    """`medda train-ssl` (BCP and its twin) under torchrun: two MLflow runs, one report, rank 0's checkpoints."""
+    from medda.tracking import TrackingStore
+
+    recipe = ws.recipe("ddp_ssl")
+    overrides = [f"data.train={{path: '{ws.datalist}', split: training}}",
+                 f"data.unlabeled={{path: '{ws.datalist}', split: validation}}", "data.test=null",
+                 "data.patch_size=[16,16,8]", "model.channels=[8,16]", "method.name=bcp",
+                 "method.options={pretrain_iterations: 2}", "train.iterations=4", "train.val_every=2",
+                 "train.batch_size=2", "train.amp=off"]
+    run = torchrun("train-ssl", str(recipe), *overrides, "--threads", "1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("no data.test: skipping the comparison") == 1, run.stdout
+    assert {p.name for p in (ws.root / "ddp_ssl" / "bcp").glob("*.pt")} >= {"last.pt"}
+    records = TrackingStore(f"sqlite:///{ws.root}/ddp_ssl.db").search_runs()
+    assert sorted(r.tags["ssl.role"] for r in records) == ["ssl", "supervised_twin"]
+    assert all(r.status == "FINISHED" for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["tent", "adabn"])
+def test_ddp_adapt_command_tracks_and_checkpoints_once(ws, method):
+    """`medda adapt` under torchrun: one MLflow run, rank 0's checkpoints, one verdict on stdout. AdaBN's pass over
+    5 cases is dealt out unevenly (a process gets an empty last batch)."""
+    from medda.models.factory import load_model
+    from medda.tracking import TrackingStore
+
+    recipe = ws.recipe(f"ddp_adapt_{method}")
+    overrides = [f"source_checkpoint={ws.ckpt}", f"data.target={{path: '{ws.datalist}'}}", "data.test=null",
+                 f"method.name={method}", "train.iterations=4", "train.val_every=2", "train.batch_size=1",
+                 "train.amp=off"]
+    run = torchrun("adapt", str(recipe), *overrides, "--threads", "1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(f"adapted with {method}") == 1 and run.stdout.count("adapted model ") == 1, run.stdout
+    out = ws.root / f"ddp_adapt_{method}"
+    assert {"last.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    load_model(out / "last.pt")
+    (record,) = TrackingStore(f"sqlite:///{ws.root}/ddp_adapt_{method}.db").search_runs()
+    assert record.status == "FINISHED" and record.tags["medda.command"] == "adapt"
+    assert "recommended" in record.tags and "train/loss" in record.metrics
 
 
 @pytest.mark.slow

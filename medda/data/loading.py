@@ -15,6 +15,7 @@ import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.transforms import SpatialPad
 
+from medda import distributed
 from medda.config import DataConfig, DatasetRef
 from medda.data.cards import DataCard, load_card
 from medda.data.datalist import read_cases
@@ -36,6 +37,18 @@ class Data:
         if ref is None:
             raise MeddaError(f"config: field 'data.{role}' is required for this command")
         return read_cases(ref, self.card, self.card_path)
+
+    def check(self, cases: list[dict], labeled: bool) -> None:
+        """Read every case through the deterministic preprocessing (loading, the checks of `CheckCase`,
+        normalisation) before any work starts, so that a bad volume is refused in one line before a run, a folder or
+        an hour of training exists. Streams with `cache` do this when they build their cache; validation cases are
+        otherwise first read at the first validation."""
+        from tqdm.auto import tqdm
+
+        chain = inference_chain(self.card, self.config, labeled, self.card_path)
+        for case in tqdm(cases if labeled else unlabeled(cases), desc="checking inputs", leave=False,
+                         dynamic_ncols=True, disable=len(cases) < 10):
+            chain(case)
 
     def dataset(self, cases: list[dict], chain) -> Dataset:
         if self.config.cache:
@@ -67,7 +80,9 @@ class Data:
         """Every slice (2D) or grid patch (3D) of every case once, in case order, as {"image": (B, 1, *patch)}.
 
         Images are cut to the training geometry (`tiles`). Batches hold `batch_images` images and never mix cases;
-        the last batch of a case may be smaller (nothing is dropped).
+        the last batch of a case may be smaller (nothing is dropped). Under torchrun process r takes batches r, r + N,
+        ... of the pass (N processes), so that each training step sees N batches of the pass together; a process
+        left without one at the end takes an empty batch, which adds nothing to synchronised batch statistics.
         """
         chain = inference_chain(self.card, self.config, False, self.card_path)
         batches: list[dict] = []
@@ -77,6 +92,11 @@ class Data:
                 batches.append({"image": images[start : start + batch_images].float()})
         if not batches:
             raise MeddaError("config: the target cases hold no image to adapt on")
+        world = distributed.world_size()
+        if world > 1:
+            empty = {"image": batches[0]["image"][:0]}
+            batches += [empty] * (-len(batches) % world)
+            batches = batches[distributed.rank()::world]
 
         def once_then_repeat() -> Iterator[dict]:
             while True:

@@ -176,8 +176,9 @@ def _log_average(running: dict[str, list[float]], extra: dict[str, float], bar, 
     bar, hand them to tracking."""
     averaged = {f"train/{k}": sum(v) / len(v) for k, v in running.items()}
     if distributed.active():
-        parts = distributed.all_gather_object(averaged)
-        averaged = {k: sum(p[k] for p in parts) / len(parts) for k in averaged}
+        parts = distributed.all_gather_object(averaged)  # a process may lack a key (AdaBN's empty last batches)
+        keys = dict.fromkeys(k for p in parts for k in p)
+        averaged = {k: sum(p[k] for p in parts if k in p) / sum(k in p for p in parts) for k in keys}
     averaged = {**averaged, **extra}
     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in list(averaged.items())[:3]})
     if log:
@@ -256,10 +257,12 @@ def run_loop(
         with SIGNALS.deferred():  # a signal stops the run at the end of this iteration, never inside it
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
                 phase = method.phase(it)
-                method.start_phase(phase, selection.best_state)
+                # under torchrun rank 0 validated: every process starts the phase from its best weights
+                best = distributed.broadcast_object(selection.best_state) if ddp is not None else selection.best_state
+                method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
             batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
-            with autocast(device, amp), _training_view(method, ddp):
+            with autocast(device, amp), _training_view(method, ddp), distributed.synced_batch_statistics():
                 result = method.step(batch, it)
             optimisation.step(result.loss, it)
             method.after_step(it)

@@ -87,6 +87,8 @@ class AdaBN(Method):
     def step(self, batch: dict[str, dict[str, torch.Tensor]], iteration: int) -> StepResult:
         with torch.no_grad():
             logits = self.model(batch["unlabeled"]["image"])
+        if not len(logits):  # under torchrun, a process past the end of its share of the pass: nothing to log
+            return StepResult(None, {})
         logs = prediction_logs(logits)
         logs["loss"] = logs["entropy"]
         return StepResult(None, logs)

@@ -279,7 +279,8 @@ class BCP(Method):
         self._teacher_ready = True
 
     def _start_teacher(self) -> None:
-        self.teacher.load_state_dict(self.model.state_dict())
+        student = getattr(self.model, "module", self.model)  # during a step under torchrun: the DDP wrapper's network
+        self.teacher.load_state_dict(student.state_dict())
         self._teacher_ready = True
 
     # -- helpers ------------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""bSSFP -> LGE with k labelled LGE images (issue 12): few-shot fine-tune, mean teacher and BCP from the source model.
+
+Every run starts from the bSSFP source checkpoint and trains with configs/mscmr_lge_ssda.yaml on the first k of the 5
+labelled LGE images (subject1, 29, 36, 41, 8: the order of the source-free benchmark's few-shot rows) and, for mean
+teacher and BCP, the 25 unlabelled LGE images. `supervised` is the plain few-shot fine-tune (the twin: same data,
+budget, optimiser and seed). The last checkpoint of the fixed budget is evaluated (no validation images exist to
+choose another) on the other 5 - k labelled images, which no run has seen, with and without largest-component
+post-processing. Dice in %, HD95 in mm from the files' spacing. Development check only: 4, 3 or 2 images.
+
+Usage (repository root; data only through MEDDA_DATA_ROOT; one process per run, one torch thread each):
+    MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/run_ssda_benchmark.py --method bcp --k 3
+Writes benchmarks/results/lge_ssda_<method>_k<k>.json; `--source` evaluates the source model on each held-out set;
+`--table` prints the Markdown table of every saved result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "mscmr_lge_ssda.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+OUT = REPO / "benchmarks" / "out" / "lge_ssda"
+LABELLED = ("subject1", "subject29", "subject36", "subject41", "subject8")
+KS = (1, 2, 3)
+METHODS = ("supervised", "mean_teacher", "bcp")
+
+
+def datalist(k: int, held_out: bool) -> dict:
+    """The first k labelled LGE images (training) or the other 5 - k (held out), as a `data.*` config entry."""
+    root = Path(os.environ["MEDDA_DATA_ROOT"]) / "mscmr_lge"
+    ids = LABELLED[k:] if held_out else LABELLED[:k]
+    key = "test" if held_out else "training"
+    path = OUT / "datalists" / f"{key}_k{k}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cases = [{"image": str(root / "images" / f"{i}.nii.gz"), "label": str(root / "labels" / f"{i}.nii.gz")}
+             for i in ids]
+    path.write_text(json.dumps({key: cases}, indent=1), encoding="utf-8")
+    return {"path": str(path), "split": key}
+
+
+def config(k: int, name: str, extra: list[str]):
+    from medda.config import load_config
+
+    return load_config(CONFIG, [
+        f"data.train={json.dumps(datalist(k, held_out=False))}", f"data.test={json.dumps(datalist(k, held_out=True))}",
+        f"output_dir={OUT / name}", f"tracking.run_name=bench-ssda-{name}", *extra,
+    ])
+
+
+def evaluate(checkpoint: Path, cfg, out: Path) -> dict:
+    """Held-out summary (Dice, HD95 per class and mean) and per-case Dice, without and with largest component."""
+    from medda import api
+
+    result = {}
+    for key, lcc in (("plain", False), ("largest_component", True)):
+        inference = cfg.inference.model_copy(update={"largest_component": lcc})
+        ev = api.evaluate(checkpoint, cfg.model_copy(update={"output_dir": out / key, "inference": inference}))
+        result[key] = {
+            "summary": {k: v for k, v in ev.summary.items() if isinstance(v, (int, float))},
+            "rows": ev.rows,
+            "units": ev.units,
+        }
+    return result
+
+
+def run(method: str, k: int, iterations: int, pretrain: int, seed: int) -> dict:
+    import torch
+
+    from medda import api
+    from medda.runtime import cpu_has_bf16
+
+    name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "")
+    extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
+    if method == "bcp":
+        extra.append(f"method.options={{pretrain_iterations: {pretrain}}}")
+    else:
+        extra.append("method.options={}")
+    if method == "supervised":
+        extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null"]
+    cfg = config(k, name, extra)
+    t0 = time.perf_counter()
+    trained = api.train(cfg)
+    train_wall = time.perf_counter() - t0
+    result = {
+        "method": method, "k": k, "iterations": iterations,
+        "pretrain_iterations": pretrain if method == "bcp" else None, "seed": seed,
+        "train_wall_min": round(train_wall / 60, 1), "checkpoint_policy": str(trained.selection),
+        "trained_on": list(LABELLED[:k]), "evaluated_on": list(LABELLED[k:]),
+        "hardware": {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+                     "bf16_units": cpu_has_bf16(),
+                     "torch_threads": cfg.train.threads},
+        "config_digest": cfg.digest(), "run_id": trained.run_id,
+        "eval": evaluate(trained.checkpoint, cfg, OUT / name / "eval"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"lge_ssda_{name}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def source_rows() -> None:
+    """The source model, untrained on LGE, on each held-out set (the reference every row must beat)."""
+    for k in KS:
+        cfg = config(k, f"source_k{k}", [])
+        result = {"method": "source", "k": k, "iterations": 0, "seed": 0, "train_wall_min": 0.0,
+                  "evaluated_on": list(LABELLED[k:]),
+                  "eval": evaluate(Path(cfg.source_checkpoint), cfg, OUT / f"source_k{k}" / "eval")}
+        (RESULTS / f"lge_ssda_source_k{k}.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+
+def table() -> str:
+    order = {"source": 0, "supervised": 1, "mean_teacher": 2, "bcp": 3}
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in RESULTS.glob("lge_ssda_*.json")]
+    found.sort(key=lambda r: (r["k"], r.get("seed", 0), order[r["method"]]))
+    head = ("| k | evaluated on | method | iterations | train wall (min) | Dice | RV | Myo | LV | HD95 mm | "
+            "Dice + largest component | HD95 mm + largest component |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in found:
+        e, c = r["eval"]["plain"]["summary"], r["eval"]["largest_component"]["summary"]
+        label = r["method"] + (" (few-shot fine-tune)" if r["method"] == "supervised" else "")
+        label += f" (seed {r['seed']})" if r.get("seed") else ""
+        iters = f"{r['iterations']} ({r['pretrain_iterations']} + {r['iterations'] - r['pretrain_iterations']})" \
+            if r.get("pretrain_iterations") else str(r["iterations"])
+        lines.append(
+            f"| {r['k']} | {len(r['evaluated_on'])} images | {label} | {iters} | {r['train_wall_min']} | "
+            f"{100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | {100 * e['dice/Myo']:.1f} | "
+            f"{100 * e['dice/LV']:.1f} | {e.get('hd95/mean', float('nan')):.1f} | {100 * c['dice/mean']:.1f} | "
+            f"{c.get('hd95/mean', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def summary() -> str:
+    """Per k and method: Dice per seed, the mean, and the paired difference from the few-shot twin (same seed)."""
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in RESULTS.glob("lge_ssda_*.json")]
+    dice = {(r["k"], r["method"], r.get("seed", 0)): 100 * r["eval"]["plain"]["summary"]["dice/mean"] for r in found}
+    head = "| k | evaluated on | method | Dice per seed | mean | vs few-shot fine-tune (paired by seed) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for k in KS:
+        for method in ("supervised", "mean_teacher", "bcp"):
+            seeds = sorted(s for (kk, m, s) in dice if kk == k and m == method)
+            if not seeds:
+                continue
+            values = [dice[(k, method, s)] for s in seeds]
+            paired = [dice[(k, method, s)] - dice[(k, "supervised", s)] for s in seeds if (k, "supervised", s) in dice]
+            delta = "" if method == "supervised" or not paired else (
+                f"{sum(paired) / len(paired):+.1f} ({', '.join(f'{d:+.1f}' for d in paired)})")
+            label = "few-shot fine-tune (supervised twin)" if method == "supervised" else method
+            lines.append(f"| {k} | {5 - k} images | {label} | {' / '.join(f'{v:.1f}' for v in values)} | "
+                         f"{sum(values) / len(values):.1f} | {delta} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=METHODS)
+    parser.add_argument("--k", type=int, choices=KS)
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--pretrain", type=int, default=200, help="BCP copy-paste pre-training iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", action="store_true", help="evaluate the source model on each held-out set")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of the saved results")
+    args = parser.parse_args()
+    if args.source:
+        source_rows()
+    if args.method:
+        if args.k is None:
+            parser.error("--method needs --k")
+        r = run(args.method, args.k, args.iterations, args.pretrain, args.seed)
+        print(f"{args.method} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
+              f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
+    if args.table:
+        print(summary() + "\n\n" + table())
+
+
+if __name__ == "__main__":
+    main()
