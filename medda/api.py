@@ -30,7 +30,14 @@ from medda.data.transforms import (
 from medda.engine.loop import LoopResult, run_loop
 from medda.engine.resume import RESUME_FILE, Resume, header, interruptible, read_resume
 from medda.errors import MeddaError
-from medda.inference import Predictor, predict_cases, prediction_path, readable_prediction, write_prediction
+from medda.inference import (
+    Predictor,
+    predict_cases,
+    prediction_path,
+    readable_prediction,
+    remove_stale_temporaries,
+    write_prediction,
+)
 from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
 from medda.registry import get_method, methods_for
@@ -593,7 +600,10 @@ def predict(checkpoint: Path, cfg: RunConfig, ref: DatasetRef, out_dir: Path) ->
         cases = read_cases(ref, card, str(cfg.data.card))
         chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
         tag = prediction_tag(checkpoint, cfg, data_cfg, card)
-        todo = [c for c in distributed.shard(cases) if not readable_prediction(prediction_path(c["id"], out_dir), tag)]
+        mine = distributed.shard(cases)
+        for case in mine:  # temporary files of a writer killed in an earlier run (each case has one owner per run)
+            remove_stale_temporaries(case["id"], out_dir)
+        todo = [c for c in mine if not readable_prediction(prediction_path(c["id"], out_dir), tag)]
 
         def work() -> int:
             for pred in predict_cases(predictor, todo, chain, progress=distributed.is_main()):

@@ -8,11 +8,11 @@ helper here is a no-op (rank 0 of 1): a single process behaves exactly as before
 
 What runs on several processes (README "Running on several processes (torchrun)"): `medda predict` and
 `medda evaluate` split their cases round-robin over the ranks (`shard`), and rank 0 alone writes tables and logs to
-MLflow; supervised `medda train` and `medda adapt` train one DistributedDataParallel model (`medda.engine.loop`),
-rank 0 validating, checkpointing and tracking. Batch normalisation computes its batch statistics over the global
+MLflow; `medda train`, `medda train-ssl` and `medda adapt` train one DistributedDataParallel model
+(`medda.engine.loop`), rank 0 validating, checkpointing and tracking. Batch normalisation computes its batch statistics over the global
 batch of all ranks during training steps (`sync_batch_norm`), so AdaBN, Tent, OSUDA, AdaMI and BN-normalised
-training mean the same under torchrun as in one process fed the union of the ranks' batches. Commands that are not
-supported under torchrun yet refuse in one line (`refuse`).
+training mean the same under torchrun as in one process fed the union of the ranks' batches. What is not supported
+under torchrun yet (`--resume`, the adaptation sweep) refuses in one line (`refuse`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Used for validation during training, label-free monitoring during adaptation, `m
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,6 +181,13 @@ def write_prediction(pred: CasePrediction, out_dir: Path, tag: str | None = None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(case_id: str, out_dir: Path) -> None:
+    """Delete what a killed writer of `case_id` left behind (its temporary files). Call only from the process that
+    owns the case in this run (`distributed.shard`), so no live writer's file is touched."""
+    for path in Path(out_dir).glob(f".{glob.escape(case_id)}.*.tmp.nii.gz"):
+        path.unlink(missing_ok=True)
 
 
 def readable_prediction(path: Path, tag: str) -> bool:

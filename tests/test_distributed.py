@@ -216,12 +216,16 @@ def test_sharded_predict_writes_every_case_once_and_resumes(ws, single):
 @pytest.mark.slow
 def test_a_killed_rank_costs_only_the_cases_it_had_not_written(ws, single):
     """Rank 1 is SIGKILLed after its first file (tests/kill_one_rank.py); torchrun stops rank 0. Rerunning the
-    command predicts exactly the cases without a file and leaves every file written before untouched."""
+    command predicts exactly the cases without a file, leaves every file written before untouched and removes the
+    temporary files of killed writers."""
     out = ws.root / "ddp_killed"
     killed = torchrun(*_predict_args(ws, out), program=(str(REPO / "tests" / "kill_one_rank.py"),))
     assert killed.returncode != 0
     before = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     assert 1 <= len(before) < CASES, killed.stdout + killed.stderr  # rank 1 wrote one of its two cases
+    # what a writer killed mid-file leaves (rank 0 may leave one too, when torchrun stops it while it writes)
+    stale = out / f".{sorted(single.labels)[0].removesuffix('.nii.gz')}.99999.tmp.nii.gz"
+    stale.write_bytes(b"\x1f\x8b half a file")
     again = torchrun(*_predict_args(ws, out))
     assert again.returncode == 0, again.stdout + again.stderr
     missing = CASES - len(before)
