@@ -186,3 +186,22 @@ def test_readme_method_options_match_the_method_configs():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert options_markdown() in readme, "README's method options are stale: paste medda.registry.options_markdown()"
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    """Each recipe in configs/ loads, names a registered method with valid options, and a card that validates (a
+    typo in a benchmark recipe would otherwise surface only on real data, minutes into a run)."""
+    from medda.config import validate
+    from medda.data.cards import load_card
+    from medda.registry import get_method
+
+    monkeypatch.setenv("MEDDA_DATA_ROOT", "/data")
+    monkeypatch.chdir(path.parent.parent)  # recipes name cards relative to the repository root
+    cfg = load_config(path)
+    cls = get_method(cfg.method.name)
+    validate(cls.Config, cfg.method.options, f"{path.name}: method.options")
+    load_card(cfg.data.card)
