@@ -80,9 +80,14 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str,
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _predictions(folder: Path) -> list[Path]:
+    """The label maps in `folder`, not the hidden temporary files of a writer (pathlib's glob matches those too)."""
+    return sorted(p for p in folder.glob("*.nii.gz") if not p.name.startswith("."))
+
+
 def _labels(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
-    for path in sorted(folder.glob("*.nii.gz")):
+    for path in _predictions(folder):
         image = nib.load(path)
         out[path.name] = (np.asarray(image.dataobj), image.affine)
     return out
@@ -197,10 +202,10 @@ def test_sharded_predict_writes_every_case_once_and_resumes(ws, single):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(f"wrote {CASES} predictions") == 1, run.stdout  # rank 0 reports, for all ranks
     _assert_same_labels(_labels(out), single.labels)
-    assert len(list(out.glob("*.nii.gz"))) == CASES
+    assert len(_predictions(out)) == CASES
 
     # A crash lost two files (one of each rank) and left one truncated: the rerun writes exactly those three.
-    files = sorted(out.glob("*.nii.gz"))
+    files = _predictions(out)
     files[0].unlink()
     files[1].unlink()
     files[2].write_bytes(b"\x1f\x8b truncated")
@@ -221,7 +226,7 @@ def test_a_killed_rank_costs_only_the_cases_it_had_not_written(ws, single):
     out = ws.root / "ddp_killed"
     killed = torchrun(*_predict_args(ws, out), program=(str(REPO / "tests" / "kill_one_rank.py"),))
     assert killed.returncode != 0
-    before = {p: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    before = {p: p.stat().st_mtime_ns for p in _predictions(out)}
     assert 1 <= len(before) < CASES, killed.stdout + killed.stderr  # rank 1 wrote one of its two cases
     # what a writer killed mid-file leaves (rank 0 may leave one too, when torchrun stops it while it writes)
     stale = out / f".{sorted(single.labels)[0].removesuffix('.nii.gz')}.99999.tmp.nii.gz"
