@@ -10,7 +10,7 @@ post-processing. Dice in %, HD95 in mm from the files' spacing. Development chec
 Usage (repository root; data only through MEDDA_DATA_ROOT; one process per run, one torch thread each):
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/run_ssda_benchmark.py --method bcp --k 3
 Writes benchmarks/results/lge_ssda_<method>_k<k>.json; `--source` evaluates the source model on each held-out set;
-`--table` prints the Markdown table of every saved result.
+`--table` prints the Markdown tables of every saved result (summary, every run, Dice per held-out image).
 """
 
 from __future__ import annotations
@@ -156,6 +156,20 @@ def summary() -> str:
     return "\n".join(lines)
 
 
+def per_image() -> str:
+    """Dice per held-out image (mean over RV/Myo/LV) of every run: which images decide the differences."""
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("lge_ssda_*.json"))]
+    head = "| run | " + " | ".join(LABELLED[1:]) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(found, key=lambda r: (r["k"], r["method"], r.get("seed", 0))):
+        per_case: dict[str, list[float]] = {}
+        for row in r["eval"]["plain"]["rows"]:
+            per_case.setdefault(row["case"], []).append(row["dice"])
+        cells = [f"{100 * sum(v) / len(v):.1f}" if (v := per_case.get(i)) else "" for i in LABELLED[1:]]
+        lines.append(f"| k={r['k']} {r['method']} seed {r.get('seed', 0)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=METHODS)
@@ -175,7 +189,7 @@ def main() -> None:
         print(f"{args.method} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
               f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
     if args.table:
-        print(summary() + "\n\n" + table())
+        print(summary() + "\n\n" + table() + "\n\n" + per_image())
 
 
 if __name__ == "__main__":

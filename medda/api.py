@@ -293,10 +293,13 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
         # rank 0: the single-process seed; other ranks far from every rank's labelled seed
         streams["unlabeled"], lengths["unlabeled"] = data.stream(unlabeled, False, unlabeled_batch,
                                                                  cfg.train.seed + 1 + 100_003 * distributed.rank())
-    if not cfg.data.cache:  # cached streams read every case when they are built: refused before anything exists
-        data.check(labeled, True)
-        data.check(unlabeled, False)
-    data.check(val_cases, True)
+    if not cfg.data.cache:  # lazy datasets: every case read now, so a bad one is refused before anything exists
+        data.check(unlabeled, False)  # (labelled cases are read by the class-prior measurement below)
+        data.check(val_cases, True)
+    validate = None
+    if selection == "val_dice" and main:  # built before the run: with the cache, building it reads every case
+        validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
+                                  data, val_cases)
     if source_meta is None:  # built after the data streams, as always, so seeded initialisations are unchanged
         model = build_model(cfg.model, 2 if cfg.data.mode == "2d" else 3, num_classes)
     # The class prior of the labelled data in the training geometry travels with the checkpoint (adaptation).
@@ -344,10 +347,6 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
                 return out / f"{tag}.pt"
             return save_checkpoint(out / f"{tag}.pt", method.eval_model(), meta)
 
-        validate = None
-        if selection == "val_dice" and main:
-            validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
-                                      data, val_cases)
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper)
         loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
@@ -601,8 +600,8 @@ def predict(checkpoint: Path, cfg: RunConfig, ref: DatasetRef, out_dir: Path) ->
         chain = inference_chain(card, data_cfg, False, str(cfg.data.card))
         tag = prediction_tag(checkpoint, cfg, data_cfg, card)
         mine = distributed.shard(cases)
-        for case in mine:  # temporary files of a writer killed in an earlier run (each case has one owner per run)
-            remove_stale_temporaries(case["id"], out_dir)
+        # temporary files of writers killed in an earlier run (each case has one owner per run)
+        remove_stale_temporaries({c["id"] for c in mine}, out_dir)
         todo = [c for c in mine if not readable_prediction(prediction_path(c["id"], out_dir), tag)]
 
         def work() -> int:

@@ -7,7 +7,6 @@ Used for validation during training, label-free monitoring during adaptation, `m
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,11 +182,15 @@ def write_prediction(pred: CasePrediction, out_dir: Path, tag: str | None = None
     return path
 
 
-def remove_stale_temporaries(case_id: str, out_dir: Path) -> None:
-    """Delete what a killed writer of `case_id` left behind (its temporary files). Call only from the process that
-    owns the case in this run (`distributed.shard`), so no live writer's file is touched."""
-    for path in Path(out_dir).glob(f".{glob.escape(case_id)}.*.tmp.nii.gz"):
-        path.unlink(missing_ok=True)
+def remove_stale_temporaries(case_ids: set[str], out_dir: Path) -> None:
+    """Delete what killed writers of `case_ids` left behind (`write_prediction`'s temporary files), in one listing of
+    `out_dir`. Call only from the process that owns those cases in this run (`distributed.shard`), so that no live
+    writer's file is touched."""
+    suffix = ".tmp.nii.gz"
+    for path in Path(out_dir).glob(f".*{suffix}"):
+        case_id = path.name[1 : -len(suffix)].rsplit(".", 1)[0]  # .{case_id}.{pid}.tmp.nii.gz
+        if case_id in case_ids:
+            path.unlink(missing_ok=True)
 
 
 def readable_prediction(path: Path, tag: str) -> bool:

@@ -285,7 +285,7 @@ def test_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     Synthetic in-memory batches (tests/ddp_equivalence.py) rather than the data pipeline, whose random patches and
     augmentation per process cannot reproduce one process's global batch. Tolerance: atol 1e-5 (measured 1e-7: the
     all-reduce sums the two halves in another order than one batch does). Without the all-reduce of the
-    statistics' gradients, Tent's weights differ by 8e-3: the comparison can fail.
+    statistics' gradients, Tent's weights differ (by 8e-3 when tried): the comparison can fail.
     """
     import ddp_equivalence
 

@@ -41,8 +41,8 @@ class Data:
     def check(self, cases: list[dict], labeled: bool) -> None:
         """Read every case through the deterministic preprocessing (loading, the checks of `CheckCase`,
         normalisation) before any work starts, so that a bad volume is refused in one line before a run, a folder or
-        an hour of training exists. Streams with `cache` do this when they build their cache; validation cases are
-        otherwise first read at the first validation."""
+        an hour of training exists. For datasets without `cache`, which read their cases only when used; cached ones
+        do this when they are built."""
         from tqdm.auto import tqdm
 
         chain = inference_chain(self.card, self.config, labeled, self.card_path)
