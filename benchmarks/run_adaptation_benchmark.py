@@ -179,7 +179,8 @@ class Bench:
                 ["data.val.limit=2"] if path == self.sc.source_config
                 else [] if self.sc.oracle is False else ["data.test.limit=4"]
             )
-        return load_config(path, [*self.tracking, *quick, *overrides])
+        # one thread, as the recorded runs (two jobs side by side); the recipes themselves use every usable CPU
+        return load_config(path, [*self.tracking, "train.threads=1", *quick, *overrides])
 
     def evaluate(self, checkpoint: str, cfg, name: str) -> dict:
         from medda import api

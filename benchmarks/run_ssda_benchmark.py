@@ -49,7 +49,9 @@ def config(k: int, name: str, extra: list[str]):
 
     return load_config(CONFIG, [
         f"data.train={json.dumps(datalist(k, held_out=False))}", f"data.test={json.dumps(datalist(k, held_out=True))}",
-        f"output_dir={OUT / name}", f"tracking.run_name=bench-ssda-{name}", *extra,
+        f"output_dir={OUT / name}", f"tracking.run_name=bench-ssda-{name}",
+        "train.threads=1",  # as the recorded runs (two side by side); the recipe itself uses every usable CPU
+        *extra,
     ])
 
 

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> dict:
         f"train.iterations={args.iterations}", f"train.val_every={args.val_every}", f"output_dir={out}",
         f"tracking.run_name=bench-ssl-{name}",
         f"train.seed={args.seed}",
+        "train.threads=1",  # as the recorded runs; the recipe itself uses every usable CPU
     ]
     if args.method == "bcp":
         overrides.append(f"method.options={{pretrain_iterations: {args.pretrain}}}")

@@ -404,3 +404,33 @@ def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
     assert result.best_iteration == 6 and result.best_score == 0.3
     assert read_checkpoint(result.best_path)["meta"]["iteration"] == 6
     assert [h["iteration"] for h in result.history] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("method", ["bcp", "mean_teacher"])
+def test_loop_puts_the_teacher_in_the_batches_memory_format(method):
+    """With `train.channels_last`, the EMA teacher's weights take the student's layout (a contiguous teacher ran
+    slower convolutions and a 10x slower argmax over its classes), and its values are unchanged."""
+    import itertools
+
+    from medda.config import OptimConfig, TrainConfig
+    from medda.engine.loop import run_loop
+
+    net = tiny_unet(2)
+    learner = (BCP(net, BCPConfig(pretrain_iterations=1), ctx(2, (8, 8), total=2)) if method == "bcp" else
+               MeanTeacher(net, MeanTeacherConfig(), ctx(2, (8, 8), total=2)))
+    teacher_before = {k: v.clone() for k, v in learner.teacher.state_dict().items()}
+    b = batch((8, 8))
+    streams = {name: itertools.repeat(b[name]) for name in ("labeled", "unlabeled")}
+    convs = [m.weight for m in learner.teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                             for w in convs)
+    train = TrainConfig(iterations=1, val_every=1, channels_last=True, amp="off")
+    run_loop(learner, streams, train, OptimConfig(name="sgd", lr=1e-12), torch.device("cpu"), None,
+             lambda tag, it: None)
+    convs = [m.weight for m in learner.teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # really converted (1x1 kernels are both)
+    if method == "mean_teacher":  # lr 1e-12: the EMA of a (practically) unchanged student leaves the teacher's weights as they were
+        for k, v in learner.teacher.state_dict().items():
+            if v.is_floating_point() and "running" not in k:
+                assert torch.allclose(v, teacher_before[k], atol=1e-6)

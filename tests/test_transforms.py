@@ -159,3 +159,26 @@ def test_zscore_inside_the_body_crop(tmp_path, nifti_writer):
     card_n = DataCard.model_validate(dict(BASE_CARD, intensity={"method": "none"}))
     out_n = inference_chain(card_n, data_cfg(foreground_crop=False), with_label=False)(case)["image"]
     np.testing.assert_allclose(out_n[0].numpy(), image)
+
+
+@pytest.mark.parametrize("mode, patch", [("3d", [32, 32, 16]), ("2d", [32, 32])])
+def test_cached_streams_never_read_their_files_again(phantom_case, tmp_path, mode, patch):
+    """With `data.cache`, labelled and unlabelled streams preprocess every case once: the files can vanish once the
+    streams exist. (The unlabelled chain used to start with a step `CacheDataset` does not treat as a transform, so
+    nothing of it was cached and every batch re-read and re-normalised its volumes.)"""
+    import shutil
+
+    from medda.data.loading import Data
+
+    case = {"id": "c"}
+    for key in ("image", "label"):
+        case[key] = str(shutil.copy(phantom_case[key], tmp_path / f"{key}.nii.gz"))
+    data = Data(CARD_A, "card", data_cfg(mode=mode, patch_size=patch, samples_per_volume=2, cache=True))
+    labeled, _ = data.stream([case], True, 1, seed=0)
+    unlabeled, _ = data.stream([case], False, 1, seed=0)
+    for key in ("image", "label"):
+        Path(case[key]).unlink()
+    for _ in range(3):
+        batch = next(labeled)
+        assert tuple(batch["image"].shape) == (2, 1, *patch) and tuple(batch["label"].shape) == (2, 1, *patch)
+        assert tuple(next(unlabeled)["image"].shape) == (2, 1, *patch)

@@ -1,0 +1,193 @@
+"""Training-step time of the real recipes, before and after a change: the same recipe, seed and batches, timed in
+two checkouts (`--before`, a git revision checked out into a temporary worktree, and this working tree).
+
+A step is everything one iteration of `medda.engine.loop.run_loop` does: drawing the batches (MONAI pipeline),
+forward, loss, backward, optimiser, EMA teacher, logging. It is timed between consecutive optimiser steps, median
+over `--steps` iterations after `--warmup`. Cases (each on its real data, with its recipe's own settings):
+- `2d-supervised`: configs/acdc_ssl_2d.yaml's supervised twin (2 labelled ACDC volumes x 4 slices of 256 x 256).
+- `2d-bcp`: the same recipe's BCP in its self-training stage (+ 2 unlabelled volumes x 4 slices, EMA teacher).
+- `3d-bcp`: configs/la_ssl_3d.yaml's BCP self-training stage (2 + 2 patches of 112 x 112 x 80, 3D U-Net).
+Columns: `before` and `after` (the recipe's thread setting in each checkout: the 2D recipes pinned one thread
+before), `after, 1 thread` (the code's own gain at equal threads) and `after, busy neighbour` (next to one
+CPU-bound process, `python -c "while True: pass"`).
+Unlabelled sets are cut to `--unlabeled-limit` cases (caching all 67 or 36 would only add set-up time).
+
+Usage: MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/training.py [--before bd8a086] [--steps 20]
+Writes benchmarks/results/training.json and prints a Markdown table (copied into BENCHMARKS.md).
+`--dice 1500` instead trains the 7-labelled ACDC supervised recipe for 1500 iterations in each checkout (its own
+settings, one after the other) and writes test Dice and training wall time to benchmarks/results/training_dice.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "training.json"
+CASES = {
+    "2d-supervised": ("configs/acdc_ssl_2d.yaml", ["method.name=supervised", "method.options={}"]),
+    "2d-bcp": ("configs/acdc_ssl_2d.yaml", ["method.name=bcp", "method.options={pretrain_iterations: 2}"]),
+    "3d-bcp": ("configs/la_ssl_3d.yaml", ["method.name=bcp", "method.options={pretrain_iterations: 2}"]),
+}
+
+
+def worker(case: str, steps: int, warmup: int, unlabeled_limit: int, threads: int | None) -> dict:
+    """Run `case` in this process (imports whichever medda is first on sys.path) and time its iterations."""
+    import torch
+
+    from medda import api
+    from medda.config import load_config
+    from medda.engine import loop
+
+    config, overrides = CASES[case]
+    # BCP: 2 pre-training iterations, then self-training steps only are timed
+    first = 3 + warmup if "bcp" in case else warmup
+    cfg = load_config(config, [
+        *overrides, f"train.iterations={first + steps + 1}", "train.val_every=1000000", "tracking.enabled=false",
+        f"output_dir={tempfile.mkdtemp(prefix='medda-training-bench-')}", f"data.unlabeled.limit={unlabeled_limit}",
+        "data.val=null", "train.select_by=last", *([f"train.threads={threads}"] if threads else []),
+    ])
+    stamps: list[float] = []
+    original = loop._Optimisation.step
+
+    def stamped(self, loss, it):
+        original(self, loss, it)
+        stamps.append(time.perf_counter())
+
+    loop._Optimisation.step = stamped
+    api.train(cfg)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][first:first + steps]
+    return {"step_s": round(statistics.median(gaps), 4), "steps": len(gaps),
+            "spread_s": [round(min(gaps), 4), round(max(gaps), 4)], "torch": torch.__version__,
+            "medda_from": str(Path(api.__file__).parents[1]), "threads": torch.get_num_threads()}
+
+
+def dice_worker(iterations: int) -> dict:
+    """Train the 7-labelled supervised ACDC recipe for `iterations` (checkpoint chosen on the 20 val volumes) and
+    evaluate it on the 40 test volumes: the result the speed-up must leave unchanged."""
+    import torch
+
+    from medda import api
+    from medda.config import load_config
+
+    out = Path(tempfile.mkdtemp(prefix="medda-training-dice-"))
+    cfg = load_config("configs/acdc_ssl_2d.yaml", [
+        "method.name=supervised", "method.options={}", "data.unlabeled=null", "data.train.split=labeled_7_patients",
+        f"train.iterations={iterations}", "train.val_every=250", "tracking.enabled=false", f"output_dir={out}",
+    ])
+    t0 = time.perf_counter()
+    trained = api.train(cfg)
+    wall = time.perf_counter() - t0
+    summary = api.evaluate(trained.checkpoint, cfg.model_copy(update={"output_dir": out / "eval"})).summary
+    return {"test_dice": round(100 * summary["dice/mean"], 2), "train_wall_min": round(wall / 60, 2),
+            "best_iteration": trained.loop.best_iteration, "threads": torch.get_num_threads(),
+            "medda_from": str(Path(api.__file__).parents[1])}
+
+
+def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: bool = False) -> dict:
+    """`case` in a fresh interpreter importing medda from `tree`; `neighbour`: next to a busy CPU-bound process."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--worker", case, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--unlabeled-limit", str(args.unlabeled_limit)]
+    if case == "dice":
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--dice-worker", str(args.dice)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if neighbour else None
+    try:
+        out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    if out.returncode != 0:
+        raise SystemExit(f"{case} in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# column -> (checkout, threads: None = the recipe's own setting, busy neighbour)
+SIDES = {
+    "before": ("before", None, False),
+    "after": ("after", None, False),
+    "after, 1 thread": ("after", 1, False),
+    "after, busy neighbour": ("after", None, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="bd8a086", help="git revision to compare with (default: bd8a086)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--unlabeled-limit", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2, help="alternate before/after this many times; best kept")
+    parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dice", type=int, metavar="ITERATIONS",
+                        help="instead of step times: train the 7-labelled ACDC supervised recipe for ITERATIONS in "
+                             "both checkouts, one after the other, and compare test Dice and training wall time")
+    parser.add_argument("--dice-worker", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.dice_worker:
+        print(json.dumps(dice_worker(args.dice_worker)))
+        return
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.unlabeled_limit, args.threads)))
+        return
+
+    import torch
+
+    from medda.runtime import cpu_has_bf16
+
+    with tempfile.TemporaryDirectory() as scratch:
+        before = Path(scratch) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            trees = {"before": before, "after": ROOT}
+            if args.dice:
+                dice = {side: run_in(tree, "dice", args) for side, tree in trees.items()}
+                path = RESULTS.with_name("training_dice.json")
+                path.write_text(json.dumps({"before": args.before, "iterations": args.dice, **dice}, indent=2) + "\n",
+                                encoding="utf-8")
+                print(json.dumps(dice, indent=2))
+                return
+            rows = {}
+            for case in args.cases:
+                runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+                for _ in range(args.rounds):  # alternate, so that a noisy minute hits every side
+                    for side, (tree, threads, neighbour) in SIDES.items():
+                        runs[side].append(run_in(trees[tree], case, args, threads, neighbour))
+                best = {side: min(r["step_s"] for r in rs) for side, rs in runs.items()}
+                rows[case] = {**best, "threads": {side: rs[0]["threads"] for side, rs in runs.items()},
+                              "speed-up": round(best["before"] / best["after"], 2), "runs": runs}
+                print(f"{case}: " + ", ".join(f"{side} {t:.3f} s" for side, t in best.items()), flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
+    result = {
+        "before": args.before, "after": "working tree", "steps": args.steps, "warmup": args.warmup,
+        "rounds": args.rounds, "unlabeled_limit": args.unlabeled_limit, "threads": 1,
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16()},
+        "cases": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print("\n| case | " + " | ".join(f"{side} (s/step)" for side in SIDES) + " | speed-up |")
+    print("|---" * (len(SIDES) + 2) + "|")
+    for case, row in rows.items():
+        cells = " | ".join(f"{row[side]:.3f} ({row['threads'][side]} thr.)" for side in SIDES)
+        print(f"| {case} | {cells} | {row['speed-up']:.2f}x |")
+
+if __name__ == "__main__":
+    main()
