@@ -16,6 +16,7 @@ Usage: MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/training.py [--
 Writes benchmarks/results/training.json and prints a Markdown table (copied into BENCHMARKS.md).
 `--dice 1500` instead trains the 7-labelled ACDC supervised recipe for 1500 iterations in each checkout (its own
 settings, one after the other) and writes test Dice and training wall time to benchmarks/results/training_dice.json.
+`--data --steps 40` times only the data side of a 2D BCP step (a labelled and an unlabelled batch) in each checkout.
 """
 
 from __future__ import annotations
@@ -71,6 +72,29 @@ def worker(case: str, steps: int, warmup: int, unlabeled_limit: int, threads: in
             "medda_from": str(Path(api.__file__).parents[1]), "threads": torch.get_num_threads()}
 
 
+def data_worker(steps: int, unlabeled_limit: int) -> dict:
+    """The data side of a 2D BCP step alone: one labelled and one unlabelled batch of configs/acdc_ssl_2d.yaml
+    through `Data.stream` (cached preprocessing, sampling, augmentation), median over `steps` after 3 warm-up ones."""
+    import torch
+
+    from medda.config import load_config
+    from medda.data.loading import Data
+
+    torch.set_num_threads(1)
+    cfg = load_config("configs/acdc_ssl_2d.yaml", [f"data.unlabeled.limit={unlabeled_limit}"])
+    data = Data.load(cfg.data)
+    labeled, _ = data.stream(data.cases(cfg.data.train, "train"), True, cfg.train.batch_size, 0)
+    unlabeled, _ = data.stream(data.cases(cfg.data.unlabeled, "unlabeled"), False, cfg.train.unlabeled_batch_size, 0)
+    times = []
+    for index in range(steps + 3):
+        start = time.perf_counter()
+        next(labeled)
+        next(unlabeled)
+        if index >= 3:
+            times.append(time.perf_counter() - start)
+    return {"data_s": round(statistics.median(times), 4), "steps": len(times)}
+
+
 def dice_worker(iterations: int) -> dict:
     """Train the 7-labelled supervised ACDC recipe for `iterations` (checkpoint chosen on the 20 val volumes) and
     evaluate it on the 40 test volumes: the result the speed-up must leave unchanged."""
@@ -100,6 +124,9 @@ def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: b
            "--warmup", str(args.warmup), "--unlabeled-limit", str(args.unlabeled_limit)]
     if case == "dice":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--dice-worker", str(args.dice)]
+    if case == "data":
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--data-worker", "--steps", str(args.steps),
+               "--unlabeled-limit", str(args.unlabeled_limit)]
     if threads:
         cmd += ["--threads", str(threads)]
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if neighbour else None
@@ -137,7 +164,13 @@ def main() -> None:
                         help="instead of step times: train the 7-labelled ACDC supervised recipe for ITERATIONS in "
                              "both checkouts, one after the other, and compare test Dice and training wall time")
     parser.add_argument("--dice-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--data", action="store_true",
+                        help="instead of step times: time only the data side of a 2D BCP step in both checkouts")
+    parser.add_argument("--data-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.data_worker:
+        print(json.dumps(data_worker(args.steps, args.unlabeled_limit)))
+        return
     if args.dice_worker:
         print(json.dumps(dice_worker(args.dice_worker)))
         return
@@ -155,6 +188,9 @@ def main() -> None:
                        capture_output=True)
         try:
             trees = {"before": before, "after": ROOT}
+            if args.data:
+                print(json.dumps({side: run_in(tree, "data", args) for side, tree in trees.items()}))
+                return
             if args.dice:
                 dice = {side: run_in(tree, "dice", args) for side, tree in trees.items()}
                 path = RESULTS.with_name("training_dice.json")
