@@ -20,7 +20,9 @@ Usage (repository root):
       --images DATALIST_OR_FOLDER [--split test] [--limit 10] [--threads 1] [--rss-shape 512 512 300]
   .venv/bin/python benchmarks/inference.py --checkpoint CKPT.pt --card CARD --rss-only   # peak RSS only
   .venv/bin/python benchmarks/inference.py --quick   # self-check: random tiny model on phantoms, numbers mean nothing
-Writes benchmarks/results/inference.json (not with --quick) and prints a Markdown table.
+  .venv/bin/python benchmarks/inference.py --sweep --checkpoint CKPT.pt --card CARD --images DATA --split train \
+      --exclude-split labeled_8 --out benchmarks/results/inference_sweep_NAME.json   # window settings (not on test)
+Writes --out (default benchmarks/results/inference.json; nothing with --quick) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -112,6 +114,57 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
     }
 
 
+def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, exclude_split: str | None,
+          limit: int | None, threads: int, device: str, overlaps: list[float], batches: list[int]) -> dict:
+    """medda's predictor at each window setting (overlap x sw_batch_size, Gaussian blending, medda's autocast and
+    layout): time over the cases (after one warm-up case per setting), agreement with medda's default setting and,
+    where the cases have labels, Dice against them on the preprocessed grid (voxels). This is the measurement behind
+    the default window settings; run it on cases that are not a test set."""
+    import numpy as np
+    import torch
+
+    from medda import api, metrics
+    from medda.config import DatasetRef
+    from medda.data.cards import load_card
+    from medda.data.datalist import read_cases
+    from medda.data.transforms import inference_chain
+    from medda.inference import Predictor
+    from medda.runtime import Runtime
+
+    cfg = _run_config(card_path, threads, device)
+    runtime = Runtime.setup(cfg)
+    default, data_cfg, *_ = api._predictor_for(checkpoint, cfg, runtime)
+    card = load_card(card_path)
+    cases = read_cases(DatasetRef(path=images, split=split, exclude_split=exclude_split), card, str(card_path))[:limit]
+    labelled = all(case.get("label") for case in cases)
+    chain = inference_chain(card, data_cfg, labelled, str(card_path))
+    prepared = [chain(dict(case)) for case in cases]
+    classes = range(1, card.num_classes)
+    reference = [default.probabilities(torch.as_tensor(d["image"][None]).float()).argmax(dim=1)[0] for d in prepared]
+    rows = []
+    for overlap in overlaps:
+        for batch in batches:
+            predictor = Predictor.on(runtime, default.model, data_cfg, cfg.inference.model_copy(
+                update={"overlap": overlap, "sw_batch_size": batch}), cfg.train.channels_last)
+            predictor.probabilities(torch.as_tensor(prepared[0]["image"][None]).float())  # warm-up
+            seconds, agreement, dice = 0.0, [], []
+            for d, ref in zip(prepared, reference, strict=True):
+                start = time.perf_counter()
+                label = predictor.probabilities(torch.as_tensor(d["image"][None]).float()).argmax(dim=1)[0]
+                seconds += time.perf_counter() - start
+                agreement.append(float(np.nanmean(metrics.dice_scores(label, ref, classes))))
+                if labelled:
+                    dice.append(float(np.nanmean(metrics.dice_scores(label, torch.as_tensor(d["label"][0]), classes))))
+            rows.append({"overlap": overlap, "sw_batch_size": batch, "seconds": seconds,
+                         "seconds_per_case": seconds / len(prepared),
+                         "agreement_with_default": float(np.mean(agreement)),
+                         "dice_vs_labels": float(np.mean(dice)) if dice else None})
+    shape = [list(d["image"].shape[1:]) for d in prepared]
+    return {"cases": len(prepared), "preprocessed_shapes": shape, "threads": torch.get_num_threads(),
+            "amp": str(runtime.amp), "default": cfg.inference.model_dump(include={"overlap", "sw_batch_size", "blend"}),
+            "roi_size": default.config.roi_size or list(data_cfg.patch_size), "settings": rows}
+
+
 def peak_rss(checkpoint: Path, card_path: Path, shape: tuple[int, int, int], threads: int, device: str) -> dict:
     """Peak resident memory of medda's predict path on one synthetic volume of `shape` voxels (fresh process)."""
     args = json.dumps([str(checkpoint), str(card_path), list(shape), threads, device])
@@ -198,10 +251,39 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="self-check on a random tiny model; writes nothing")
     parser.add_argument("--rss-only", action="store_true", help="only the peak-RSS measurement (needs --checkpoint, "
                         "--card); prints it, writes nothing")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"result JSON (default {RESULTS.name})")
+    parser.add_argument("--sweep", action="store_true", help="time medda's predictor at each --overlaps x --batches "
+                        "setting instead (with --exclude-split to keep training cases out); writes --out")
+    parser.add_argument("--exclude-split", help="card split whose cases are left out (e.g. the labelled ones)")
+    parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
         print(json.dumps(rss_worker(*json.loads(args.rss_worker))))
+        return
+    if args.sweep:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.quick:
+                args.checkpoint, args.card, args.images, args.split = quick_inputs(Path(tmp))
+            elif not (args.checkpoint and args.card and args.images):
+                parser.error("--sweep needs --checkpoint, --card and --images (or --quick)")
+            r = sweep(args.checkpoint, args.card, args.images, args.split, args.exclude_split, args.limit,
+                      args.threads, args.device, args.overlaps, args.batches)
+        result = {"machine": machine(), "checkpoint": str(args.checkpoint), "images": str(args.images),
+                  "split": args.split, "exclude_split": args.exclude_split, "sweep": r}
+        if not args.quick:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        m = result["machine"]
+        print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}; {r['cases']} "
+              f"cases, {r['threads']} threads, autocast {r['amp']}, window {r['roi_size']}, default {r['default']}\n")
+        print("| overlap | sw_batch_size | seconds per case | agreement with the default | Dice vs labels (voxels) |")
+        print("|---|---|---|---|---|")
+        for row in r["settings"]:
+            dice = "-" if row["dice_vs_labels"] is None else f"{100 * row['dice_vs_labels']:.2f}"
+            print(f"| {row['overlap']} | {row['sw_batch_size']} | {row['seconds_per_case']:.2f} | "
+                  f"{row['agreement_with_default']:.4f} | {dice} |")
         return
 
     if args.rss_only:
@@ -222,8 +304,8 @@ def main() -> None:
                                         args.device),
                   "peak_rss": peak_rss(args.checkpoint, args.card, tuple(args.rss_shape), args.threads, args.device)}
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     m, c, r = result["machine"], result["comparison"], result["peak_rss"]
     print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}, torch {m['torch']}; "

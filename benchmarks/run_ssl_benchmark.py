@@ -149,7 +149,28 @@ def table() -> str:
         cells += [f"{e[f'{m}/{c}']:.1f}" for m in ("hd95", "assd") for c in classes]
         per_class.append(f"| {r['labeled_patients']} | {_method(r)} | {_iterations(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nBest-on-val checkpoints, per class (Jaccard %, HD95 and ASSD in voxels):\n\n" + \
-        "\n".join(per_class)
+        "\n".join(per_class) + "\n\n" + "\n".join(gains())
+
+
+def gains() -> list[str]:
+    """BCP's test Dice minus its supervised twin's (same labelled patients, budget and seed; best-on-val
+    checkpoints), per seed and their mean, for every budget where both ran."""
+    runs = {(r["method"], r["labeled_patients"], r["iterations"], r.get("seed", 0)): r for r in _results()}
+    by_budget: dict[tuple[int, int], list[tuple[int, float]]] = {}
+    for (method, labeled, iterations, seed), r in sorted(runs.items()):
+        twin = runs.get(("supervised", labeled, iterations, seed))
+        if method == "bcp" and twin:
+            gain = 100 * (r["eval"]["best_on_val"]["dice/mean"] - twin["eval"]["best_on_val"]["dice/mean"])
+            by_budget.setdefault((labeled, iterations), []).append((seed, gain))
+    lines = []
+    for (labeled, iterations), seeds in sorted(by_budget.items()):
+        values = [g for _, g in seeds]
+        mean = sum(values) / len(values)
+        per_seed = ", ".join(f"seed {seed} {g:+.1f}" for seed, g in seeds)
+        spread = f", spread {max(values) - min(values):.1f}" if len(values) > 1 else ""
+        lines.append(f"BCP gain over supervised twin ({labeled} labelled, {iterations} iterations): {mean:+.1f} "
+                     f"(mean of {len(values)} seed{'s' if len(values) > 1 else ''}: {per_seed}{spread})")
+    return lines
 
 
 def main() -> None:
