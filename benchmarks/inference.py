@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--exclude-split", help="card split whose cases are left out (e.g. the labelled ones)")
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--skip-rss", action="store_true", help="no peak-RSS measurement after the comparison")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
@@ -302,7 +303,8 @@ def main() -> None:
         result = {"machine": machine(), "checkpoint": str(args.checkpoint), "images": str(args.images),
                   "comparison": compare(args.checkpoint, args.card, args.images, args.split, args.limit, args.threads,
                                         args.device),
-                  "peak_rss": peak_rss(args.checkpoint, args.card, tuple(args.rss_shape), args.threads, args.device)}
+                  "peak_rss": None if args.skip_rss else peak_rss(args.checkpoint, args.card, tuple(args.rss_shape),
+                                                                 args.threads, args.device)}
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -314,8 +316,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, v in c["variants"].items():
         print(f"| {name} | {v['seconds']:.2f} | {v['speedup_over_monai']:.2f}x | {v['agreement_dice']:.4f} |")
-    print(f"\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
-          f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; {r['seconds']:.1f} s)")
+    if r:
+        print(f"\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
+              f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; "
+              f"{r['seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

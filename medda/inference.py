@@ -45,9 +45,10 @@ class Predictor:
 
     def __post_init__(self) -> None:
         roi = self.config.roi_size or list(self.data.patch_size)
+        window_device = torch.device(self.config.sw_device or self.device)
         common = dict(
-            roi_size=roi, sw_batch_size=self.config.sw_batch_size, overlap=self.config.overlap,
-            mode=self.config.blend, sw_device=self.config.sw_device or self.device,
+            roi_size=roi, sw_batch_size=self.config.sw_batch_size or default_sw_batch_size(window_device),
+            overlap=self.config.overlap, mode=self.config.blend, sw_device=window_device,
             device=self.config.out_device or self.device,
         )
         if self.data.mode == "2d":
@@ -83,6 +84,13 @@ class Predictor:
                 probs += torch.flip(torch.softmax(flipped, dim=1), dims=[axis])
             probs /= 1 + len(axes)
         return probs
+
+
+def default_sw_batch_size(device: torch.device) -> int:
+    """Windows per forward pass when the config leaves it open: one on a CPU, where batching windows measured
+    slower in 3D (cache) and equal in 2D (BENCHMARKS.md, "Inference window settings"); four on a GPU, which needs
+    batches to fill its cores (not measured here)."""
+    return 1 if device.type == "cpu" else 4
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

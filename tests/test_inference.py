@@ -15,7 +15,7 @@ from torch import nn
 from medda.config import DataConfig, InferenceConfig, ModelConfig
 from medda.data.cards import DataCard
 from medda.data.transforms import inference_chain
-from medda.inference import Predictor, predict_cases, to_label, write_prediction
+from medda.inference import Predictor, default_sw_batch_size, predict_cases, to_label, write_prediction
 from medda.models.factory import build_model
 
 CPU = torch.device("cpu")
@@ -52,6 +52,19 @@ def test_sliding_window_equals_full_forward_3d():
     # windows smaller than the volume really are stitched (a different, but same-shaped, answer)
     tiled = predictor(net, "3d", [16, 16, 8], overlap=0.0, blend="constant").probabilities(x)
     assert tiled.shape == got.shape and not torch.allclose(tiled, got, atol=1e-3)
+
+
+def test_windows_per_forward_default_to_one_on_a_cpu_and_follow_the_config():
+    """The measured rule (one window per forward on a CPU), never overriding a configured value; batching windows
+    changes the time, not the answer."""
+    net = eval_net(3)
+    automatic = predictor(net, "3d", [16, 16, 8])
+    assert automatic.inferer.sw_batch_size == 1
+    assert default_sw_batch_size(torch.device("cuda")) == 4
+    batched = predictor(net, "3d", [16, 16, 8], sw_batch_size=3)
+    assert batched.inferer.sw_batch_size == 3
+    x = torch.randn(1, 1, 32, 24, 16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(batched.probabilities(x), automatic.probabilities(x), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("slice_axis", [2, 0])
