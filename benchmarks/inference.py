@@ -60,23 +60,66 @@ def _monai_defaults(predictor):
     return SlidingWindowInferer(**window)
 
 
+def _setup(checkpoint: Path, card_path: Path, images: Path, split: str | None, exclude_split: str | None,
+           limit: int | None, threads: int, device: str, with_labels: bool):
+    """`medda predict`'s predictor for `checkpoint` and the cases, each as a preprocessed (1, 1, *spatial) float
+    image plus, when `with_labels` and every case has one, its preprocessed label (1, *spatial)."""
+    import torch
+
+    from medda import api
+    from medda.config import DatasetRef
+    from medda.data.cards import load_card
+    from medda.data.datalist import read_cases
+    from medda.data.transforms import inference_chain
+    from medda.runtime import Runtime
+
+    cfg = _run_config(card_path, threads, device)
+    runtime = Runtime.setup(cfg)
+    predictor, data_cfg, *_ = api._predictor_for(checkpoint, cfg, runtime)  # exactly `medda predict`'s predictor
+    card = load_card(card_path)
+    cases = read_cases(DatasetRef(path=images, split=split, exclude_split=exclude_split), card, str(card_path))[:limit]
+    labelled = with_labels and all(case.get("label") for case in cases)
+    chain = inference_chain(card, data_cfg, labelled, str(card_path))
+    prepared = []
+    for case in cases:
+        d = chain(dict(case))
+        prepared.append((torch.as_tensor(d["image"][None]).float(), torch.as_tensor(d["label"]) if labelled else None))
+    return cfg, runtime, predictor, data_cfg, card, prepared
+
+
+def _agreement(label, reference, num_classes: int) -> float:
+    """Mean Dice over the foreground classes between two label maps (1 where both have no foreground at all)."""
+    import numpy as np
+
+    from medda import metrics
+
+    dice = metrics.dice_scores(label, reference, range(1, num_classes))
+    return float(np.nanmean(dice)) if not np.isnan(dice).all() else 1.0
+
+
+def _window_count(shape, predictor) -> int:
+    """Windows the predictor's inferer runs over one preprocessed volume of `shape` (3D: its roi; 2D: slices)."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    roi = list(predictor.inferer.roi_size)
+    if len(roi) == 2:  # SliceInferer: a one-voxel-thick window over the slice axis
+        roi.insert(predictor.data.slice_axis, 1)
+    overlap = (predictor.inferer.overlap,) * 3
+    roi = [min(r, n) for r, n in zip(roi, shape, strict=True)]  # smaller volumes are padded to the roi
+    return len(dense_patch_slices(shape, roi, _get_scan_interval(shape, roi, 3, overlap)))
+
+
 def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, limit: int | None, threads: int,
             device: str) -> dict:
     """Time and agreement of the three variants on the cases of `images` (see the module docstring)."""
     import numpy as np
     import torch
 
-    from medda import api, metrics
-    from medda.config import DatasetRef
-    from medda.data.cards import load_card
-    from medda.data.datalist import read_cases
-    from medda.data.transforms import inference_chain
     from medda.inference import Predictor
-    from medda.runtime import Runtime
 
-    cfg = _run_config(card_path, threads, device)
-    runtime = Runtime.setup(cfg)
-    medda_default, data_cfg, *_ = api._predictor_for(checkpoint, cfg, runtime)  # exactly `medda predict`'s predictor
+    cfg, runtime, medda_default, data_cfg, card, prepared = _setup(checkpoint, card_path, images, split, None, limit,
+                                                                   threads, device, with_labels=False)
     medda_monai_windows = Predictor.on(runtime, medda_default.model, data_cfg,
                                        cfg.inference.model_copy(update=MONAI_WINDOWS), cfg.train.channels_last)
     monai_inferer = _monai_defaults(medda_default)
@@ -88,13 +131,9 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
 
     variants = {"MONAI defaults": monai_probabilities, "medda defaults": medda_default.probabilities,
                 "medda, MONAI windows": medda_monai_windows.probabilities}
-    card = load_card(card_path)
-    cases = read_cases(DatasetRef(path=images, split=split), card, str(card_path))[:limit]
-    chain = inference_chain(card, data_cfg, False, str(card_path))
     seconds = dict.fromkeys(variants, 0.0)
     agreement: dict[str, list[float]] = {name: [] for name in variants}
-    for index, case in enumerate(cases):
-        image = torch.as_tensor(chain({"id": case["id"], "image": case["image"]})["image"][None]).float()
+    for index, (image, _) in enumerate(prepared):
         labels = {}
         for name, probabilities in variants.items():
             if index == 0:
@@ -103,12 +142,15 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
             labels[name] = probabilities(image).argmax(dim=1)[0].cpu()
             seconds[name] += time.perf_counter() - start
         for name, label in labels.items():
-            dice = metrics.dice_scores(label, labels["MONAI defaults"], range(1, card.num_classes))
-            agreement[name].append(float(np.nanmean(dice)) if not np.isnan(dice).all() else 1.0)
+            agreement[name].append(_agreement(label, labels["MONAI defaults"], card.num_classes))
+    shapes = [list(image.shape[2:]) for image, _ in prepared]
     return {
-        "cases": len(cases), "threads": torch.get_num_threads(), "amp": str(runtime.amp),
+        "cases": len(prepared), "threads": torch.get_num_threads(), "amp": str(runtime.amp),
+        "preprocessed_shapes": shapes,
         "windows": {"medda defaults": cfg.inference.model_dump(include={"overlap", "blend", "sw_batch_size", "tta_flips"}),
                     "MONAI defaults": MONAI_WINDOWS},
+        "window_count": {"medda defaults": sum(_window_count(s, medda_default) for s in shapes),
+                         "MONAI windows": sum(_window_count(s, medda_monai_windows) for s in shapes)},
         "variants": {name: {"seconds": seconds[name], "speedup_over_monai": seconds["MONAI defaults"] / seconds[name],
                             "agreement_dice": float(np.mean(agreement[name]))} for name in variants},
     }
@@ -123,45 +165,34 @@ def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, ex
     import numpy as np
     import torch
 
-    from medda import api, metrics
-    from medda.config import DatasetRef
-    from medda.data.cards import load_card
-    from medda.data.datalist import read_cases
-    from medda.data.transforms import inference_chain
     from medda.inference import Predictor
-    from medda.runtime import Runtime
 
-    cfg = _run_config(card_path, threads, device)
-    runtime = Runtime.setup(cfg)
-    default, data_cfg, *_ = api._predictor_for(checkpoint, cfg, runtime)
-    card = load_card(card_path)
-    cases = read_cases(DatasetRef(path=images, split=split, exclude_split=exclude_split), card, str(card_path))[:limit]
-    labelled = all(case.get("label") for case in cases)
-    chain = inference_chain(card, data_cfg, labelled, str(card_path))
-    prepared = [chain(dict(case)) for case in cases]
-    classes = range(1, card.num_classes)
-    reference = [default.probabilities(torch.as_tensor(d["image"][None]).float()).argmax(dim=1)[0] for d in prepared]
+    cfg, runtime, default, data_cfg, card, prepared = _setup(checkpoint, card_path, images, split, exclude_split,
+                                                             limit, threads, device, with_labels=True)
+    reference = [default.probabilities(image).argmax(dim=1)[0] for image, _ in prepared]
     rows = []
     for overlap in overlaps:
         for batch in batches:
             predictor = Predictor.on(runtime, default.model, data_cfg, cfg.inference.model_copy(
                 update={"overlap": overlap, "sw_batch_size": batch}), cfg.train.channels_last)
-            predictor.probabilities(torch.as_tensor(prepared[0]["image"][None]).float())  # warm-up
+            predictor.probabilities(prepared[0][0])  # warm-up
             seconds, agreement, dice = 0.0, [], []
-            for d, ref in zip(prepared, reference, strict=True):
+            for (image, truth), ref in zip(prepared, reference, strict=True):
                 start = time.perf_counter()
-                label = predictor.probabilities(torch.as_tensor(d["image"][None]).float()).argmax(dim=1)[0]
+                label = predictor.probabilities(image).argmax(dim=1)[0]
                 seconds += time.perf_counter() - start
-                agreement.append(float(np.nanmean(metrics.dice_scores(label, ref, classes))))
-                if labelled:
-                    dice.append(float(np.nanmean(metrics.dice_scores(label, torch.as_tensor(d["label"][0]), classes))))
+                agreement.append(_agreement(label, ref, card.num_classes))
+                if truth is not None:
+                    dice.append(_agreement(label, truth[0], card.num_classes))
+            shapes = [image.shape[2:] for image, _ in prepared]
             rows.append({"overlap": overlap, "sw_batch_size": batch, "seconds": seconds,
                          "seconds_per_case": seconds / len(prepared),
+                         "windows": sum(_window_count(list(s), predictor) for s in shapes),
                          "agreement_with_default": float(np.mean(agreement)),
                          "dice_vs_labels": float(np.mean(dice)) if dice else None})
-    shape = [list(d["image"].shape[1:]) for d in prepared]
-    return {"cases": len(prepared), "preprocessed_shapes": shape, "threads": torch.get_num_threads(),
-            "amp": str(runtime.amp), "default": cfg.inference.model_dump(include={"overlap", "sw_batch_size", "blend"}),
+    return {"cases": len(prepared), "preprocessed_shapes": [list(image.shape[2:]) for image, _ in prepared],
+            "threads": torch.get_num_threads(), "amp": str(runtime.amp),
+            "default": cfg.inference.model_dump(include={"overlap", "sw_batch_size", "blend"}),
             "roi_size": default.config.roi_size or list(data_cfg.patch_size), "settings": rows}
 
 
@@ -279,11 +310,12 @@ def main() -> None:
         m = result["machine"]
         print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}; {r['cases']} "
               f"cases, {r['threads']} threads, autocast {r['amp']}, window {r['roi_size']}, default {r['default']}\n")
-        print("| overlap | sw_batch_size | seconds per case | agreement with the default | Dice vs labels (voxels) |")
-        print("|---|---|---|---|---|")
+        print("| overlap | sw_batch_size | windows | seconds per case | agreement with the default | "
+              "Dice vs labels (voxels) |")
+        print("|---|---|---|---|---|---|")
         for row in r["settings"]:
             dice = "-" if row["dice_vs_labels"] is None else f"{100 * row['dice_vs_labels']:.2f}"
-            print(f"| {row['overlap']} | {row['sw_batch_size']} | {row['seconds_per_case']:.2f} | "
+            print(f"| {row['overlap']} | {row['sw_batch_size']} | {row['windows']} | {row['seconds_per_case']:.2f} | "
                   f"{row['agreement_with_default']:.4f} | {dice} |")
         return
 
@@ -311,7 +343,8 @@ def main() -> None:
 
     m, c, r = result["machine"], result["comparison"], result["peak_rss"]
     print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}, torch {m['torch']}; "
-          f"{c['cases']} cases, {c['threads']} threads, medda autocast {c['amp']}\n")
+          f"{c['cases']} cases, {c['threads']} threads, medda autocast {c['amp']}; preprocessed shapes "
+          f"{c['preprocessed_shapes']}; windows {c['window_count']}\n")
     print("| variant | seconds | speed-up over MONAI defaults | agreement with MONAI defaults (Dice) |")
     print("|---|---|---|---|")
     for name, v in c["variants"].items():

@@ -88,8 +88,8 @@ class Predictor:
 
 def default_sw_batch_size(device: torch.device) -> int:
     """Windows per forward pass when the config leaves it open: one on a CPU, where batching windows measured
-    slower in 3D (cache) and equal in 2D (BENCHMARKS.md, "Inference window settings"); four on a GPU, which needs
-    batches to fill its cores (not measured here)."""
+    slower in 3D and equal in 2D (BENCHMARKS.md, "Inference window settings"); four on a GPU, which needs batches
+    to fill its cores (not measured here)."""
     return 1 if device.type == "cpu" else 4
 
 
