@@ -10,6 +10,11 @@ Usage (repository root; data only through MEDDA_DATA_ROOT):
         --iterations 4000 --pretrain 1000
 Writes benchmarks/results/acdc_ssl_<method>_<labeled>_<iterations>.json; `--largest-component` adds a
 post-processed evaluation of each best-on-val checkpoint; `--table` prints the Markdown tables of every result.
+
+Ablations: `--tag NAME` with `--option KEY=VALUE` (method options, e.g. `ema_decay=0.999`) and/or
+`--override KEY=VALUE` (config overrides, e.g. `train.unlabeled_batch_size=4`) trains a variant under its own name
+(`..._NAME`); `--table` lists each variant against the untagged run of the same method, budget and seed, and the
+gain line pairs untagged runs only.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
 
     split = f"labeled_{args.labeled}_patients"
     name = f"{args.method}_{args.labeled}_{args.iterations}" + (f"_seed{args.seed}" if args.seed else "")
+    name += f"_{args.tag}" if args.tag else ""
     out = OUT / name
     overrides = [
         f"method.name={args.method}", f"data.train.split={split}", f"data.unlabeled.exclude_split={split}",
@@ -70,12 +76,13 @@ def run(args: argparse.Namespace) -> dict:
         f"train.seed={args.seed}",
         "train.threads=1",  # as the recorded runs; the recipe itself uses every usable CPU
     ]
+    options = dict(item.split("=", 1) for item in args.option)
     if args.method == "bcp":
-        overrides.append(f"method.options={{pretrain_iterations: {args.pretrain}}}")
-    elif args.method == "mean_teacher":
-        overrides.append("method.options={}")
-    elif args.method == "supervised":
-        overrides += ["method.options={}", "data.unlabeled=null"]
+        options = {"pretrain_iterations": str(args.pretrain), **options}
+    overrides.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
+    if args.method == "supervised":
+        overrides.append("data.unlabeled=null")
+    overrides += args.override
     cfg = load_config(CONFIG, overrides)
     t0 = time.perf_counter()
     trained = api.train(cfg)
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         "pretrain_iterations": args.pretrain if args.method == "bcp" else None,
         "train_wall_min": round(train_wall / 60, 1), "selected": str(trained.selection),
         "best_iteration": trained.loop.best_iteration,
-        "seed": args.seed,
+        "seed": args.seed, "tag": args.tag, "options": args.option, "overrides": args.override,
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "eval": {},
     }
@@ -116,7 +123,11 @@ def _iterations(r: dict) -> str:
 
 
 def _method(r: dict) -> str:
-    return r["method"] + (f" (seed {r['seed']})" if r.get("seed") else "")
+    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "") + (f" (seed {r['seed']})" if r.get("seed") else "")
+
+
+def _key(r: dict) -> tuple:
+    return r["method"], r["labeled_patients"], r["iterations"], r.get("seed", 0)
 
 
 def _results() -> list[dict]:
@@ -149,13 +160,32 @@ def table() -> str:
         cells += [f"{e[f'{m}/{c}']:.1f}" for m in ("hd95", "assd") for c in classes]
         per_class.append(f"| {r['labeled_patients']} | {_method(r)} | {_iterations(r)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nBest-on-val checkpoints, per class (Jaccard %, HD95 and ASSD in voxels):\n\n" + \
-        "\n".join(per_class) + "\n\n" + "\n".join(gains())
+        "\n".join(per_class) + "\n\n" + "\n".join(gains()) + ablations()
+
+
+def ablations() -> str:
+    """Each tagged variant against the untagged run of the same method, labelled patients, budget and seed."""
+    base = {_key(r): r for r in _results() if not r.get("tag")}
+    rows = []
+    for r in _results():
+        ref = base.get(_key(r)) if r.get("tag") else None
+        if ref is None:
+            continue
+        dice, ref_dice = (100 * x["eval"]["best_on_val"]["dice/mean"] for x in (r, ref))
+        change = ", ".join([*r.get("options", []), *r.get("overrides", [])])
+        rows.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r.get('seed', 0)} | {r['tag']} | "
+                    f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {r['train_wall_min']} |")
+    if not rows:
+        return ""
+    head = ("| labelled | method | iterations | seed | variant | change | Dice, untagged run | Dice, variant | "
+            "difference | train wall (min) |")
+    return "\n\nAblations (best-on-val checkpoints):\n\n" + "\n".join([head, "|" + "---|" * 10, *rows])
 
 
 def gains() -> list[str]:
     """BCP's test Dice minus its supervised twin's (same labelled patients, budget and seed; best-on-val
     checkpoints), per seed and their mean, for every budget where both ran."""
-    runs = {(r["method"], r["labeled_patients"], r["iterations"], r.get("seed", 0)): r for r in _results()}
+    runs = {_key(r): r for r in _results() if not r.get("tag")}
     by_budget: dict[tuple[int, int], list[tuple[int, float]]] = {}
     for (method, labeled, iterations, seed), r in sorted(runs.items()):
         twin = runs.get(("supervised", labeled, iterations, seed))
@@ -181,6 +211,11 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=1000, help="BCP stage-1 iterations (within --iterations)")
     parser.add_argument("--val-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0, help="training seed (the labelled patients stay fixed)")
+    parser.add_argument("--tag", help="an ablation's name: trains into <method>_<labeled>_<iterations>[_seedN]_TAG")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option for an ablation (repeatable; needs --tag)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for an ablation (repeatable; needs --tag)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the saved results")
     parser.add_argument("--largest-component", action="store_true",
                         help="re-evaluate the saved best-on-val checkpoints with largest-component post-processing")
@@ -193,6 +228,10 @@ def main() -> None:
         return
     if args.method is None:
         parser.error("--method is required (or --table)")
+    if (args.option or args.override) and not args.tag:
+        parser.error("--option and --override change the recipe: name the variant with --tag")
+    if any("=" not in item for item in args.option + args.override):
+        parser.error("--option and --override take KEY=VALUE")
     print(json.dumps(run(args), indent=2))
 
 

@@ -17,6 +17,8 @@ Writes benchmarks/results/training.json and prints a Markdown table (copied into
 `--dice 1500` instead trains the 7-labelled ACDC supervised recipe for 1500 iterations in each checkout (its own
 settings, one after the other) and writes test Dice and training wall time to benchmarks/results/training_dice.json.
 `--data --steps 40` times only the data side of a 2D BCP step (a labelled and an unlabelled batch) in each checkout.
+`--losses` times only BCP's per-step work outside the network in each checkout: its two mixed losses (forward and
+backward, on bf16 channels-last outputs of the recipe's shapes) and its two largest-component pseudo-label passes.
 """
 
 from __future__ import annotations
@@ -95,6 +97,49 @@ def data_worker(steps: int, unlabeled_limit: int) -> dict:
     return {"data_s": round(statistics.median(times), 4), "steps": len(times)}
 
 
+LOSS_SHAPES = {  # one BCP student output (half batch), classes, spatial dims, Dice variant of the recipe
+    "2d-bcp": ((4, 4, 256, 256), 2, "pooled_squared"),
+    "3d-bcp": ((1, 2, 112, 112, 80), 3, "per_sample_linear"),
+}
+
+
+def losses_worker(threads: int, repeats: int) -> dict:
+    """BCP's loss and pseudo-label post-processing per self-training step, on random outputs and box-shaped
+    pseudo-labels of each recipe's shapes: median over `repeats` after one warm-up."""
+    import torch
+
+    from medda.components import largest_component
+    from medda.methods.bcp import mixed_seg_loss
+
+    torch.set_num_threads(threads)
+    out = {}
+    for case, (shape, dims, variant) in LOSS_SHAPES.items():
+        gen = torch.Generator().manual_seed(0)
+        layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+        logits = torch.randn(shape, generator=gen).to(torch.bfloat16).to(memory_format=layout)
+        k, spatial = shape[1], shape[2:]
+        targets = [torch.randint(0, k, (shape[0], *spatial), generator=gen) for _ in range(2)]
+        mask = (torch.rand(spatial, generator=gen) > 0.5).float()
+        pseudo = torch.zeros(shape[0], *spatial, dtype=torch.long)
+        for c in range(1, k):  # one box per foreground class plus a stray voxel, so the LCC has work to do
+            pseudo[(slice(None), *(slice(c * n // (k + 2), (c + 1) * n // (k + 2)) for n in spatial))] = c
+            pseudo[(slice(None), *(n - c for n in spatial))] = c
+        loss_s, lcc_s = [], []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            for _ in range(2):  # L_in and L_out
+                q = logits.detach().requires_grad_()
+                mixed_seg_loss(q, targets[0], targets[1], mask, 1.0, 0.5, variant=variant).backward()
+            middle = time.perf_counter()
+            for _ in range(2):  # pseudo-labels of X_u^a and X_u^b
+                largest_component(pseudo, dims)
+            loss_s.append(middle - start)
+            lcc_s.append(time.perf_counter() - middle)
+        out[case] = {"losses_ms": round(1000 * statistics.median(loss_s[1:]), 1),
+                     "lcc_ms": round(1000 * statistics.median(lcc_s[1:]), 1)}
+    return {"threads": threads, **out}
+
+
 def dice_worker(iterations: int) -> dict:
     """Train the 7-labelled supervised ACDC recipe for `iterations` (checkpoint chosen on the 20 val volumes) and
     evaluate it on the 40 test volumes: the result the speed-up must leave unchanged."""
@@ -124,10 +169,13 @@ def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: b
            "--warmup", str(args.warmup), "--unlabeled-limit", str(args.unlabeled_limit)]
     if case == "dice":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--dice-worker", str(args.dice)]
+    if case == "losses":
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--losses-worker", str(threads or 2),
+               "--steps", str(args.steps)]
     if case == "data":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--data-worker", "--steps", str(args.steps),
                "--unlabeled-limit", str(args.unlabeled_limit)]
-    if threads:
+    if threads and case != "losses":
         cmd += ["--threads", str(threads)]
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if neighbour else None
     try:
@@ -167,9 +215,15 @@ def main() -> None:
     parser.add_argument("--data", action="store_true",
                         help="instead of step times: time only the data side of a 2D BCP step in both checkouts")
     parser.add_argument("--data-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--losses", action="store_true",
+                        help="instead of step times: time only BCP's losses and pseudo-label LCC in both checkouts")
+    parser.add_argument("--losses-worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.data_worker:
         print(json.dumps(data_worker(args.steps, args.unlabeled_limit)))
+        return
+    if args.losses_worker:
+        print(json.dumps(losses_worker(args.losses_worker, args.steps)))
         return
     if args.dice_worker:
         print(json.dumps(dice_worker(args.dice_worker)))
@@ -190,6 +244,23 @@ def main() -> None:
             trees = {"before": before, "after": ROOT}
             if args.data:
                 print(json.dumps({side: run_in(tree, "data", args) for side, tree in trees.items()}))
+                return
+            if args.losses:  # alternate the checkouts, at 1 and 2 threads; the faster of two runs is kept
+                runs = [(side, threads, run_in(tree, "losses", args, threads)) for threads in (1, 2) for _ in range(2)
+                        for side, tree in trees.items()]
+                best = {f"{side}, {threads} thread{'s' if threads > 1 else ''}": {
+                    case: {key: min(r[case][key] for s, t, r in runs if s == side and t == threads)
+                           for key in ("losses_ms", "lcc_ms")} for case in LOSS_SHAPES}
+                    for side in trees for threads in (1, 2)}
+                path = RESULTS.with_name("training_losses.json")
+                path.write_text(json.dumps({"before": args.before, "repeats": args.steps, "best": best,
+                                            "runs": [[s, t, r] for s, t, r in runs]}, indent=2) + "\n",
+                                encoding="utf-8")
+                print("| case | checkout, threads | two mixed losses, fwd + bwd (ms) | two LCC passes (ms) |")
+                print("|---|---|---|---|")
+                for case in LOSS_SHAPES:
+                    for column, cases in best.items():
+                        print(f"| {case} | {column} | {cases[case]['losses_ms']} | {cases[case]['lcc_ms']} |")
                 return
             if args.dice:
                 dice = {side: run_in(tree, "dice", args) for side, tree in trees.items()}
@@ -215,8 +286,13 @@ def main() -> None:
         "rounds": args.rounds, "unlabeled_limit": args.unlabeled_limit, "threads": 1,
         "hardware": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16()},
-        "cases": rows,
     }
+    # `--cases` reruns some cases: the others' rows stay when they were measured with the same settings
+    earlier = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    same = all(earlier.get(key) == value for key, value in result.items())
+    rows = {**(earlier.get("cases", {}) if same else {}), **rows}
+    result["cases"] = {case: rows[case] for case in CASES if case in rows}
+    rows = result["cases"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n| case | " + " | ".join(f"{side} (s/step)" for side in SIDES) + " | speed-up |")

@@ -154,6 +154,13 @@ def test_mixed_seg_loss_composition():
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     parts = 0.5 * (masked_ce(q, y1, m) + masked_dice(q, y1, m))
     assert seg_loss(q, y1, m).item() == pytest.approx(parts.item(), rel=1e-6)
+    # the two terms share one softmax: the gradient is the two separate terms' gradient, CE is F.cross_entropy's
+    a, b = q.clone().requires_grad_(), q.clone().requires_grad_()
+    mixed_seg_loss(a, y1, y2, m, 1.0, 0.5).backward()
+    (seg_loss(b, y1, m) + 0.5 * seg_loss(b, y2, 1 - m)).backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8) and a.grad.abs().sum() > 0
+    ce = torch.nn.functional.cross_entropy(q, y1[:, 0], reduction="none")
+    assert masked_ce(q, y1, m).item() == pytest.approx(((ce * m).sum() / (2 * m.sum())).item(), rel=1e-6)
     # an empty 1-M region adds nothing
     assert mixed_seg_loss(q, y1, y2, torch.ones(4, 5)).item() == pytest.approx(
         seg_loss(q, y1, torch.ones(4, 5)).item(), rel=1e-6
@@ -232,6 +239,11 @@ def test_lcc_2d_per_slice_per_class():
     assert torch.equal(largest_component(diag, 2), full)
     four = largest_component(diag, 2, connectivity=1)
     assert four.sum() == 2 and four[0, 4, 3] == 1 and four[0, 0, 0] == 0
+    # no background anywhere: every class still competes (class 1's two pixels are split by class 2's column)
+    no_bg = torch.ones(1, 3, 3, dtype=torch.uint8)
+    no_bg[0, :, 1] = 2
+    kept = largest_component(no_bg, 2, connectivity=1)
+    assert kept[0, :, 1].eq(2).all() and kept[0, :, 0].eq(1).all() and kept[0, :, 2].eq(0).all()
 
 
 def test_lcc_3d_vs_per_slice():

@@ -140,11 +140,46 @@ def _region(region: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return region.expand(logits.shape[0], *spatial)
 
 
+def _ce(log_prob: torch.Tensor, target: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """CE_R from log-softmax probabilities: F.cross_entropy is exactly nll_loss(log_softmax(.))."""
+    ce = F.nll_loss(log_prob, target, reduction="none")
+    return (ce * r).sum() / (r.sum() + _CE_EPS)
+
+
+def _dice(
+    prob: torch.Tensor,
+    target: torch.Tensor,
+    r: torch.Tensor,
+    variant: DiceVariant,
+    legacy_bg_mask: bool,
+    smooth: float | None,
+) -> torch.Tensor:
+    """Dice_R from softmax probabilities (B, K, *S), long targets (B, *S) and the region (B, *S)."""
+    # One-hot written straight into a float tensor of prob's layout (F.one_hot builds int64 and moves axes).
+    onehot = torch.zeros_like(prob).scatter_(1, target.unsqueeze(1), 1.0)
+    r = r.unsqueeze(1).expand_as(prob)
+    if legacy_bg_mask:
+        r = r.clone()
+        r[:, 0] = 1.0
+    s = DICE_SMOOTH[variant] if smooth is None else smooth
+    # y is 0 or 1, so y * y * r == y * r and p * y * r == (p * r) * y exactly: the same sums with fewer products.
+    pr = prob * r
+    yr = onehot * r
+    inter = pr * onehot
+    if variant == "pooled_squared":
+        dims = [0, *range(2, prob.ndim)]
+        denom = (prob * prob * r).sum(dims) + yr.sum(dims)
+        return (1.0 - (2.0 * inter.sum(dims) + s) / (denom + s)).mean()
+    if variant == "per_sample_linear":
+        dims = list(range(2, prob.ndim))
+        denom = pr.sum(dims) + yr.sum(dims)
+        return 1.0 - ((2.0 * inter.sum(dims) + s) / (denom + s)).mean()
+    raise ValueError(f"unknown dice variant '{variant}'")
+
+
 def masked_ce(logits: torch.Tensor, target: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Voxel-wise CE summed over the region R and divided by |R| (both counted over the whole batch)."""
-    r = _region(region, logits)
-    ce = F.cross_entropy(logits.float(), _target(target, logits), reduction="none")
-    return (ce * r).sum() / (r.sum() + _CE_EPS)
+    return _ce(F.log_softmax(logits.float(), dim=1), _target(target, logits), _region(region, logits))
 
 
 def masked_dice(
@@ -159,25 +194,24 @@ def masked_dice(
 
     See the module doc for the two variants. With `legacy_bg_mask` the background class uses the whole image.
     """
-    k = logits.shape[1]
     prob = torch.softmax(logits.float(), dim=1)
-    onehot = F.one_hot(_target(target, logits), k).movedim(-1, 1).float()
-    r = _region(region, logits).unsqueeze(1).expand_as(prob)
-    if legacy_bg_mask:
-        r = r.clone()
-        r[:, 0] = 1.0
-    s = DICE_SMOOTH[variant] if smooth is None else smooth
-    if variant == "pooled_squared":
-        dims = [0, *range(2, prob.ndim)]
-        inter = (prob * onehot * r).sum(dims)
-        denom = (prob * prob * r).sum(dims) + (onehot * onehot * r).sum(dims)
-        return (1.0 - (2.0 * inter + s) / (denom + s)).mean()
-    if variant == "per_sample_linear":
-        dims = list(range(2, prob.ndim))
-        inter = (prob * onehot * r).sum(dims)
-        denom = (prob * r).sum(dims) + (onehot * r).sum(dims)
-        return 1.0 - ((2.0 * inter + s) / (denom + s)).mean()
-    raise ValueError(f"unknown dice variant '{variant}'")
+    return _dice(prob, _target(target, logits), _region(region, logits), variant, legacy_bg_mask, smooth)
+
+
+class _Probabilities:
+    """softmax and log-softmax of one output, computed once for every Seg term on it."""
+
+    def __init__(self, logits: torch.Tensor):
+        logits32 = logits.float()
+        self.logits = logits
+        self.log_prob = F.log_softmax(logits32, dim=1)
+        self.prob = torch.softmax(logits32, dim=1)
+
+    def seg(self, target: torch.Tensor, region: torch.Tensor, variant: DiceVariant, legacy_bg_mask: bool,
+            smooth: float | None) -> torch.Tensor:
+        target = _target(target, self.logits)
+        r = _region(region, self.logits)
+        return 0.5 * (_ce(self.log_prob, target, r) + _dice(self.prob, target, r, variant, legacy_bg_mask, smooth))
 
 
 def seg_loss(
@@ -189,9 +223,7 @@ def seg_loss(
     smooth: float | None = None,
 ) -> torch.Tensor:
     """Seg(Q; Y | R) = (CE_R + Dice_R) / 2."""
-    ce = masked_ce(logits, target, region)
-    dice = masked_dice(logits, target, region, variant, legacy_bg_mask, smooth)
-    return 0.5 * (ce + dice)
+    return _Probabilities(logits).seg(target, region, variant, legacy_bg_mask, smooth)
 
 
 def mixed_seg_loss(
@@ -208,10 +240,12 @@ def mixed_seg_loss(
     """w1 * Seg(Q; Y1 | M) + w2 * Seg(Q; Y2 | 1 - M), with M = `mask` (1 outside the cuboid).
 
     Y1 supervises where M = 1 (the image that was copied as background), Y2 where M = 0 (the pasted patch).
+    Both terms share one softmax and one log-softmax of Q.
     """
+    q = _Probabilities(logits)
     opts = dict(variant=variant, legacy_bg_mask=legacy_bg_mask, smooth=smooth)
-    return weight_in_mask * seg_loss(logits, target_in_mask, mask, **opts) + weight_out_mask * seg_loss(
-        logits, target_out_mask, 1.0 - mask, **opts
+    return weight_in_mask * q.seg(target_in_mask, mask, **opts) + weight_out_mask * q.seg(
+        target_out_mask, 1.0 - mask, **opts
     )
 
 
