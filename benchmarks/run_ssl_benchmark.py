@@ -172,7 +172,8 @@ def ablations() -> str:
         if ref is None:
             continue
         dice, ref_dice = (100 * x["eval"]["best_on_val"]["dice/mean"] for x in (r, ref))
-        change = ", ".join([*r.get("options", []), *r.get("overrides", [])])
+        pretrain = [f"--pretrain {r['pretrain_iterations']}"] if r["pretrain_iterations"] != ref["pretrain_iterations"] else []
+        change = ", ".join([*pretrain, *r.get("options", []), *r.get("overrides", [])])
         rows.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r.get('seed', 0)} | {r['tag']} | "
                     f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {r['train_wall_min']} |")
     if not rows:
