@@ -97,7 +97,7 @@ def data_worker(steps: int, unlabeled_limit: int) -> dict:
     return {"data_s": round(statistics.median(times), 4), "steps": len(times)}
 
 
-LOSS_SHAPES = {  # one BCP student output (half batch), classes, spatial dims, Dice variant of the recipe
+LOSS_SHAPES = {  # the recipe's student output (half batch, classes, *spatial), spatial dims, Dice variant
     "2d-bcp": ((4, 4, 256, 256), 2, "pooled_squared"),
     "3d-bcp": ((1, 2, 112, 112, 80), 3, "per_sample_linear"),
 }
