@@ -11,6 +11,8 @@ Usage (repository root; data only through MEDDA_DATA_ROOT; one process per run, 
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/run_ssda_benchmark.py --method bcp --k 3
 Writes benchmarks/results/lge_ssda_<method>_k<k>.json; `--source` evaluates the source model on each held-out set;
 `--table` prints the Markdown tables of every saved result (summary, every run, Dice per held-out image).
+A variant of a method's recipe, `--tag NAME --option KEY=VALUE` (method options, e.g. `pretrain_loss=unmixed`),
+trains into `..._NAME` and is listed as its own row, paired with the few-shot fine-tune of the same seed.
 """
 
 from __future__ import annotations
@@ -71,18 +73,23 @@ def evaluate(checkpoint: Path, cfg, out: Path) -> dict:
     return result
 
 
-def run(method: str, k: int, iterations: int, pretrain: int, seed: int) -> dict:
+def _label(r: dict) -> str:
+    """The method and, for a variant, its tag: `bcp [preunmixed]`."""
+    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "")
+
+
+def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
+        option: tuple[str, ...] = ()) -> dict:
     import torch
 
     from medda import api
     from medda.runtime import cpu_has_bf16
 
-    name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "")
+    name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "") + (f"_{tag}" if tag else "")
     extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
-    if method == "bcp":
-        extra.append(f"method.options={{pretrain_iterations: {pretrain}}}")
-    else:
-        extra.append("method.options={}")
+    options = {"pretrain_iterations": str(pretrain)} if method == "bcp" else {}
+    options.update(item.split("=", 1) for item in option)
+    extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     if method == "supervised":
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null"]
     cfg = config(k, name, extra)
@@ -92,6 +99,7 @@ def run(method: str, k: int, iterations: int, pretrain: int, seed: int) -> dict:
     result = {
         "method": method, "k": k, "iterations": iterations,
         "pretrain_iterations": pretrain if method == "bcp" else None, "seed": seed,
+        "tag": tag, "options": list(option),
         "train_wall_min": round(train_wall / 60, 1), "checkpoint_policy": str(trained.selection),
         "trained_on": list(LABELLED[:k]), "evaluated_on": list(LABELLED[k:]),
         "hardware": {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
@@ -118,13 +126,13 @@ def source_rows() -> None:
 def table() -> str:
     order = {"source": 0, "supervised": 1, "mean_teacher": 2, "bcp": 3}
     found = [json.loads(p.read_text(encoding="utf-8")) for p in RESULTS.glob("lge_ssda_*.json")]
-    found.sort(key=lambda r: (r["k"], r.get("seed", 0), order[r["method"]]))
+    found.sort(key=lambda r: (r["k"], r.get("seed", 0), order[r["method"]], r.get("tag") or ""))
     head = ("| k | evaluated on | method | iterations | train wall (min) | Dice | RV | Myo | LV | HD95 mm | "
             "Dice + largest component | HD95 mm + largest component |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in found:
         e, c = r["eval"]["plain"]["summary"], r["eval"]["largest_component"]["summary"]
-        label = r["method"] + (" (few-shot fine-tune)" if r["method"] == "supervised" else "")
+        label = _label(r) + (" (few-shot fine-tune)" if r["method"] == "supervised" else "")
         label += f" (seed {r['seed']})" if r.get("seed") else ""
         iters = f"{r['iterations']} ({r['pretrain_iterations']} + {r['iterations'] - r['pretrain_iterations']})" \
             if r.get("pretrain_iterations") else str(r["iterations"])
@@ -140,11 +148,12 @@ def table() -> str:
 def summary() -> str:
     """Per k and method: Dice per seed, the mean, and the paired difference from the few-shot twin (same seed)."""
     found = [json.loads(p.read_text(encoding="utf-8")) for p in RESULTS.glob("lge_ssda_*.json")]
-    dice = {(r["k"], r["method"], r.get("seed", 0)): 100 * r["eval"]["plain"]["summary"]["dice/mean"] for r in found}
+    dice = {(r["k"], _label(r), r.get("seed", 0)): 100 * r["eval"]["plain"]["summary"]["dice/mean"] for r in found}
     head = "| k | evaluated on | method | Dice per seed | mean | vs few-shot fine-tune (paired by seed) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    variants = sorted({m for (_, m, _) in dice if m not in METHODS and m != "source"})
     for k in KS:
-        for method in ("supervised", "mean_teacher", "bcp"):
+        for method in (*METHODS, *variants):
             seeds = sorted(s for (kk, m, s) in dice if kk == k and m == method)
             if not seeds:
                 continue
@@ -163,12 +172,12 @@ def per_image() -> str:
     found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("lge_ssda_*.json"))]
     head = "| run | " + " | ".join(LABELLED[1:]) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(found, key=lambda r: (r["k"], r["method"], r.get("seed", 0))):
+    for r in sorted(found, key=lambda r: (r["k"], _label(r), r.get("seed", 0))):
         per_case: dict[str, list[float]] = {}
         for row in r["eval"]["plain"]["rows"]:
             per_case.setdefault(row["case"], []).append(row["dice"])
         cells = [f"{100 * sum(v) / len(v):.1f}" if (v := per_case.get(i)) else "" for i in LABELLED[1:]]
-        lines.append(f"| k={r['k']} {r['method']} seed {r.get('seed', 0)} | " + " | ".join(cells) + " |")
+        lines.append(f"| k={r['k']} {_label(r)} seed {r.get('seed', 0)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -181,14 +190,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", action="store_true", help="evaluate the source model on each held-out set")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of the saved results")
+    parser.add_argument("--tag", help="a recipe variant's name: trains into <method>_k<k>[_seedN]_TAG")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method option of the variant (repeatable; needs --tag)")
     args = parser.parse_args()
+    if args.option and not args.tag:
+        parser.error("--option changes the recipe: name the variant with --tag")
+    if any("=" not in item for item in args.option):
+        parser.error("--option takes KEY=VALUE")
     if args.source:
         source_rows()
     if args.method:
         if args.k is None:
             parser.error("--method needs --k")
-        r = run(args.method, args.k, args.iterations, args.pretrain, args.seed)
-        print(f"{args.method} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
+        r = run(args.method, args.k, args.iterations, args.pretrain, args.seed, args.tag, tuple(args.option))
+        print(f"{_label(r)} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
               f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
     if args.table:
         print(summary() + "\n\n" + table() + "\n\n" + per_image())

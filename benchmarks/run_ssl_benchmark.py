@@ -14,7 +14,12 @@ post-processed evaluation of each best-on-val checkpoint; `--table` prints the M
 Ablations: `--tag NAME` with `--option KEY=VALUE` (method options, e.g. `ema_decay=0.999`) and/or
 `--override KEY=VALUE` (config overrides, e.g. `train.unlabeled_batch_size=4`) trains a variant under its own name
 (`..._NAME`); `--table` lists each variant against the untagged run of the same method, budget and seed, and the
-gain line pairs untagged runs only.
+gain lines pair BCP runs with the untagged supervised twin of the same seed (tagged variants once they have two
+seeds).
+
+Untagged BCP runs are the paper's recipe: the script sets `method.options` to `pretrain_iterations` alone, which
+replaces the config's options. The recipe the config ships (`pretrain_loss: unmixed`, stage 1 on unmixed labelled
+batches) is the variant `--option pretrain_loss=unmixed --tag preunmixed`; with two seeds it gets its own gain line.
 """
 
 from __future__ import annotations
@@ -174,32 +179,40 @@ def ablations() -> str:
         dice, ref_dice = (100 * x["eval"]["best_on_val"]["dice/mean"] for x in (r, ref))
         pretrain = [f"--pretrain {r['pretrain_iterations']}"] if r["pretrain_iterations"] != ref["pretrain_iterations"] else []
         change = ", ".join([*pretrain, *r.get("options", []), *r.get("overrides", [])])
+        twin = base.get(("supervised", r["labeled_patients"], r["iterations"], r.get("seed", 0)))
+        vs_twin = f"{dice - 100 * twin['eval']['best_on_val']['dice/mean']:+.1f}" if twin else ""
         rows.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r.get('seed', 0)} | {r['tag']} | "
-                    f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {r['train_wall_min']} |")
+                    f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {vs_twin} | "
+                    f"{r['train_wall_min']} |")
     if not rows:
         return ""
     head = ("| labelled | method | iterations | seed | variant | change | Dice, untagged run | Dice, variant | "
-            "difference | train wall (min) |")
-    return "\n\nAblations (best-on-val checkpoints):\n\n" + "\n".join([head, "|" + "---|" * 10, *rows])
+            "difference | variant vs supervised twin | train wall (min) |")
+    return "\n\nAblations (best-on-val checkpoints):\n\n" + "\n".join([head, "|" + "---|" * 11, *rows])
 
 
 def gains() -> list[str]:
     """BCP's test Dice minus its supervised twin's (same labelled patients, budget and seed; best-on-val
-    checkpoints), per seed and their mean, for every budget where both ran."""
-    runs = {_key(r): r for r in _results() if not r.get("tag")}
-    by_budget: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    for (method, labeled, iterations, seed), r in sorted(runs.items()):
-        twin = runs.get(("supervised", labeled, iterations, seed))
-        if method == "bcp" and twin:
+    checkpoints), per seed and their mean, for every budget where both ran: the untagged (reference-recipe) runs,
+    then each tagged BCP variant run with two or more seeds, against the same untagged twins."""
+    twins = {_key(r): r for r in _results() if not r.get("tag") and r["method"] == "supervised"}
+    by_budget: dict[tuple[str, int, int], list[tuple[int, float]]] = {}
+    for r in _results():
+        _, labeled, iterations, seed = _key(r)
+        twin = twins.get(("supervised", labeled, iterations, seed))
+        if r["method"] == "bcp" and twin:
             gain = 100 * (r["eval"]["best_on_val"]["dice/mean"] - twin["eval"]["best_on_val"]["dice/mean"])
-            by_budget.setdefault((labeled, iterations), []).append((seed, gain))
+            by_budget.setdefault((r.get("tag") or "", labeled, iterations), []).append((seed, gain))
     lines = []
-    for (labeled, iterations), seeds in sorted(by_budget.items()):
-        values = [g for _, g in seeds]
+    for (tag, labeled, iterations), seeds in sorted(by_budget.items()):
+        if tag and len(seeds) < 2:
+            continue  # a single-seed variant's gain is a column of the ablation table
+        values = [g for _, g in sorted(seeds)]
         mean = sum(values) / len(values)
-        per_seed = ", ".join(f"seed {seed} {g:+.1f}" for seed, g in seeds)
+        per_seed = ", ".join(f"seed {seed} {g:+.1f}" for seed, g in sorted(seeds))
         spread = f", spread {max(values) - min(values):.1f}" if len(values) > 1 else ""
-        lines.append(f"BCP gain over supervised twin ({labeled} labelled, {iterations} iterations): {mean:+.1f} "
+        name = f"BCP [{tag}]" if tag else "BCP"
+        lines.append(f"{name} gain over supervised twin ({labeled} labelled, {iterations} iterations): {mean:+.1f} "
                      f"(mean of {len(values)} seed{'s' if len(values) > 1 else ''}: {per_seed}{spread})")
     return lines
 

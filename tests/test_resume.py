@@ -217,10 +217,15 @@ def test_sigint_stops_after_the_iteration_marks_the_run_killed_and_resumes(phant
         if it == 2:  # Ctrl-C in the middle of iteration 3 (0-based 2): it completes, is saved, the run stops
             os.kill(os.getpid(), signal.SIGINT)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(Supervised, "after_step", interrupt)
-        with pytest.raises(Interrupted) as stop:
-            api.train(cfg)
+    # a suite started as a background job inherits SIGINT ignored, which medda rightly keeps ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(Supervised, "after_step", interrupt)
+            with pytest.raises(Interrupted) as stop:
+                api.train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stop.value.signum == signal.SIGINT and stop.value.resume == cfg.output_dir / RESUME_FILE
     assert resume_iteration(cfg.output_dir) == 3
     run_id = torch.load(cfg.output_dir / RESUME_FILE, weights_only=True)["run_id"]

@@ -167,6 +167,24 @@ def test_mixed_seg_loss_composition():
     )
 
 
+def test_mixed_seg_loss_keep_masks_narrow_each_term():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 5)
+    y1, y2 = torch.randint(0, 3, (2, 1, 4, 5)), torch.randint(0, 3, (2, 1, 4, 5))
+    m, _ = cuboid_mask((4, 5), 0.5, torch.Generator().manual_seed(1))
+    k1, k2 = (torch.rand(2, 4, 5) > 0.4).float(), (torch.rand(2, 4, 5) > 0.6).float()
+    got = mixed_seg_loss(q, y1, y2, m, 0.3, 0.5, keep_in_mask=k1, keep_out_mask=k2)
+    expected = 0.3 * seg_loss(q, y1, m * k1) + 0.5 * seg_loss(q, y2, (1 - m) * k2)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    # keeping everything is the reference loss; keeping nothing removes the term
+    assert mixed_seg_loss(q, y1, y2, m, keep_out_mask=torch.ones(2, 4, 5)).item() == pytest.approx(
+        mixed_seg_loss(q, y1, y2, m).item(), rel=1e-6
+    )
+    assert mixed_seg_loss(q, y1, y2, m, 1.0, 0.5, keep_out_mask=torch.zeros(2, 4, 5)).item() == pytest.approx(
+        seg_loss(q, y1, m).item(), rel=1e-6
+    )
+
+
 # ---------------------------------------------------------------- EMA
 
 
@@ -370,6 +388,48 @@ def test_bcp_load_pretrain_best_and_errors():
     with pytest.raises(MeddaError, match="exceeds"):
         BCP(tiny_unet(2), BCPConfig(pretrain_iterations=20), ctx(2, (8, 8), total=10))
     assert BCP(tiny_unet(2), BCPConfig(), ctx(2, (8, 8), total=40)).pretrain_iterations == 10
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (16, 16)), (3, (8, 8, 8))])
+def test_bcp_unmixed_pretraining_sees_the_labelled_batch_as_is(dims, shape):
+    """pretrain_loss='unmixed' (a medda option): stage 1 is Seg on the unmixed labelled batch; stage 2 unchanged."""
+    net = Recorder(tiny_unet(dims))
+    bcp = BCP(net, BCPConfig(pretrain_iterations=1, pretrain_loss="unmixed"), ctx(dims, shape, total=3))
+    b = batch(shape)
+    res = bcp.step(b, 0)
+    x, y = b["labeled"]["image"], b["labeled"]["label"]
+    assert len(net.inputs) == 1 and torch.equal(net.inputs[0], x)
+    with torch.no_grad():
+        expected = seg_loss(net.net(x), y, torch.ones(shape), variant=bcp.dice_variant)
+    assert res.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    reference = BCP(tiny_unet(dims), BCPConfig(pretrain_iterations=1), ctx(dims, shape, total=3))
+    reference.step(b, 0)
+    net.inputs.clear()
+    stage2 = bcp.step(b, 1)
+    assert stage2.loss.item() == pytest.approx(reference.step(b, 1).loss.item(), rel=1e-5)
+    assert len(net.inputs) == 2  # the inward and outward mixes
+
+
+def test_bcp_pseudo_confidence_only_narrows_the_pseudo_labelled_terms():
+    """pseudo_confidence (a medda option) keeps the confident pseudo-labelled voxels and changes nothing else."""
+    b = batch((16, 16))
+
+    def stage2_loss(**options):
+        bcp = BCP(tiny_unet(2), BCPConfig(pretrain_iterations=0, **options), ctx(2, (16, 16)))
+        return bcp.step(b, 0)
+
+    reference = stage2_loss()
+    assert "pseudo_kept_ratio" not in reference.logs
+    everything = stage2_loss(pseudo_confidence=1e-6)  # every voxel's top probability exceeds it
+    assert everything.logs["pseudo_kept_ratio"] == 1.0
+    assert everything.loss.item() == pytest.approx(reference.loss.item(), rel=1e-6)
+    # an untrained 3-class net is never 99.99 % sure: nothing pseudo-labelled is kept, the labelled terms remain
+    nothing = stage2_loss(pseudo_confidence=0.9999)
+    assert nothing.logs["pseudo_kept_ratio"] == 0.0
+    assert nothing.loss.item() == pytest.approx(stage2_loss(u_weight=0.0).loss.item(), rel=1e-6)
+    some = stage2_loss(pseudo_confidence=0.45)
+    assert 0.0 < some.logs["pseudo_kept_ratio"] < 1.0
+    assert some.loss.item() != pytest.approx(reference.loss.item(), rel=1e-4)
 
 
 def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):

@@ -11,6 +11,8 @@ Stage 1 (iterations [0, pretrain_iterations)): copy-paste among labelled images.
 split into halves a / b: X = X_a*M + X_b*(1-M), and the loss is
   pretrain_loss="mixed" (ACDC): Seg(Q; Y_a | M) + Seg(Q; Y_b | 1-M)
   pretrain_loss="plain" (LA):   Seg(Q; Y_a*M + Y_b*(1-M) | everywhere)
+  pretrain_loss="unmixed" (a medda option, not in the reference): no copy-paste in stage 1,
+                                Seg(Q; Y | everywhere) on the whole labelled batch, as the supervised baseline
 The unlabelled batch is ignored.
 
 Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with an EMA teacher.
@@ -20,6 +22,8 @@ Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with
   - inward  X_in  = X_l^a*M + X_u^a*(1-M);  L_in  = Seg(Q_in;  Y_l^a | M) + alpha*Seg(Q_in;  Yhat_u^a | 1-M)
   - outward X_out = X_u^b*M + X_l^b*(1-M);  L_out = alpha*Seg(Q_out; Yhat_u^b | M) + Seg(Q_out; Y_l^b | 1-M)
   - L = L_in + L_out, back-propagated into the student only; the teacher follows by EMA in `after_step`.
+  - `pseudo_confidence` (a medda option, None = the reference): the pseudo-labelled regions shrink to the voxels
+    whose teacher probability of their final pseudo-label reaches the threshold: (1-M)*K_a and M*K_b.
 Seg(Q; Y | R) = (CE_R + Dice_R) / 2, CE_R = sum_R CE / |R| (|R| counted over the batch), Dice_R the soft Dice
 over all classes (background included) restricted to R, in one of two forms (`dice_variant`):
   "pooled_squared" (ACDC): per class, pooled over the batch, 1 - (2 sum p y r + s) / (sum p^2 r + sum y^2 r + s),
@@ -80,10 +84,20 @@ class BCPConfig(MethodConfig):
     )
     dice_smooth: float | None = Field(None, gt=0.0, description="None: 1e-10 pooled_squared, 1e-5 per_sample")
     legacy_bg_mask: bool = Field(False, description="reproduce the pre-a925e30 background-Dice mask bug")
-    pretrain_loss: Literal["mixed", "plain"] | None = Field(None, description="None: 2D mixed, 3D plain")
+    pretrain_loss: Literal["mixed", "plain", "unmixed"] | None = Field(
+        None, description="None: 2D mixed, 3D plain; 'unmixed' (medda option): stage 1 trains on the unmixed "
+        "labelled batch, as the supervised baseline"
+    )
     lcc: bool = Field(True, description="keep the largest connected component of each pseudo-label class")
     connectivity: int | None = Field(
         None, ge=1, le=3, description="scipy/skimage connectivity for the LCC; None = full (spatial_dims)"
+    )
+    pseudo_confidence: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="medda option, not in the reference: leave pseudo-labelled voxels whose teacher probability "
+        "of their (post-LCC) pseudo-label is below this out of the loss; None = every voxel (reference)",
     )
 
 
@@ -236,16 +250,21 @@ def mixed_seg_loss(
     variant: DiceVariant = "pooled_squared",
     legacy_bg_mask: bool = False,
     smooth: float | None = None,
+    keep_in_mask: torch.Tensor | None = None,
+    keep_out_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """w1 * Seg(Q; Y1 | M) + w2 * Seg(Q; Y2 | 1 - M), with M = `mask` (1 outside the cuboid).
+    """w1 * Seg(Q; Y1 | M * K1) + w2 * Seg(Q; Y2 | (1 - M) * K2), with M = `mask` (1 outside the cuboid).
 
     Y1 supervises where M = 1 (the image that was copied as background), Y2 where M = 0 (the pasted patch).
-    Both terms share one softmax and one log-softmax of Q.
+    K1/K2 (`keep_in_mask`/`keep_out_mask`, (B, *S), default everywhere) narrow a term to the voxels kept, e.g.
+    the confident pseudo-labels. Both terms share one softmax and one log-softmax of Q.
     """
     q = _Probabilities(logits)
     opts = dict(variant=variant, legacy_bg_mask=legacy_bg_mask, smooth=smooth)
-    return weight_in_mask * q.seg(target_in_mask, mask, **opts) + weight_out_mask * q.seg(
-        target_out_mask, 1.0 - mask, **opts
+    region_in = mask if keep_in_mask is None else mask * keep_in_mask
+    region_out = 1.0 - mask if keep_out_mask is None else (1.0 - mask) * keep_out_mask
+    return weight_in_mask * q.seg(target_in_mask, region_in, **opts) + weight_out_mask * q.seg(
+        target_out_mask, region_out, **opts
     )
 
 
@@ -340,12 +359,19 @@ class BCP(Method):
         return x[: n // 2], x[n // 2 :]
 
     @torch.no_grad()
-    def _pseudo_label(self, x: torch.Tensor) -> torch.Tensor:
+    def _pseudo_label(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's pseudo-label (B, *S) and, with `pseudo_confidence`, the float mask of the voxels kept."""
         self.teacher.train(self.config.teacher_mode == "train")
-        pred = torch.argmax(self.teacher(x).float(), dim=1)
+        logits = self.teacher(x).float()
+        pred = torch.argmax(logits, dim=1)
         if self.config.lcc:
             pred = largest_component(pred, self.context.spatial_dims, self.config.connectivity)
-        return pred
+        if self.config.pseudo_confidence is None:
+            return pred, None
+        # the probability of the final label: a voxel that the LCC turned into background keeps only if the
+        # teacher itself was confident it is background
+        prob = torch.softmax(logits, dim=1).gather(1, pred.unsqueeze(1)).squeeze(1)
+        return pred, (prob >= self.config.pseudo_confidence).float()
 
     # -- step ---------------------------------------------------------------------------------------------
 
@@ -358,6 +384,9 @@ class BCP(Method):
         opts = self._loss_opts()
 
         if self.stage(iteration) == 1:
+            if self.pretrain_loss == "unmixed":
+                loss = seg_loss(self.model(x_l), y_l, torch.ones_like(mask), **opts)
+                return StepResult(loss=loss, logs={"loss": float(loss.detach()), "stage": 1.0})
             q = self.model(copy_paste(xa, xb, mask))
             if self.pretrain_loss == "mixed":
                 loss = mixed_seg_loss(q, ya, yb, mask, 1.0, 1.0, **opts)
@@ -382,26 +411,26 @@ class BCP(Method):
         p = next(self.teacher.parameters(), None)
         if p is not None and p.device != x_u.device:
             self.teacher.to(x_u.device)
-        plab_a = self._pseudo_label(ua)
-        plab_b = self._pseudo_label(ub)
+        plab_a, keep_a = self._pseudo_label(ua)
+        plab_b, keep_b = self._pseudo_label(ub)
 
         alpha = self.config.u_weight
         q_in = self.model(copy_paste(xa, ua, mask))
         q_out = self.model(copy_paste(ub, xb, mask))
-        loss_in = mixed_seg_loss(q_in, ya, plab_a, mask, 1.0, alpha, **opts)
-        loss_out = mixed_seg_loss(q_out, plab_b, yb, mask, alpha, 1.0, **opts)
+        loss_in = mixed_seg_loss(q_in, ya, plab_a, mask, 1.0, alpha, **opts, keep_out_mask=keep_a)
+        loss_out = mixed_seg_loss(q_out, plab_b, yb, mask, alpha, 1.0, **opts, keep_in_mask=keep_b)
         loss = loss_in + loss_out
         fg = 0.5 * ((plab_a > 0).float().mean() + (plab_b > 0).float().mean())
-        return StepResult(
-            loss=loss,
-            logs={
-                "loss": float(loss.detach()),
-                "loss_in": float(loss_in.detach()),
-                "loss_out": float(loss_out.detach()),
-                "stage": 2.0,
-                "pseudo_fg_ratio": float(fg),
-            },
-        )
+        logs = {
+            "loss": float(loss.detach()),
+            "loss_in": float(loss_in.detach()),
+            "loss_out": float(loss_out.detach()),
+            "stage": 2.0,
+            "pseudo_fg_ratio": float(fg),
+        }
+        if keep_a is not None and keep_b is not None:
+            logs["pseudo_kept_ratio"] = float(0.5 * (keep_a.mean() + keep_b.mean()))
+        return StepResult(loss=loss, logs=logs)
 
     def after_step(self, iteration: int) -> None:
         if self.stage(iteration) == 2 and self._teacher_ready:
