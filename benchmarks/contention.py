@@ -11,8 +11,14 @@ Network: MONAI UNet, 2D, channels 16-128, batch norm, batch 8 x 1 x 128 x 128, f
 The neighbour is `python -c "while True: pass"`, started and killed by the benchmark. Each phase times
 `--steps` steps or stops after `--budget` seconds, whichever comes first (a collapsed policy is slow).
 
-Usage (repository root):  .venv/bin/python benchmarks/contention.py [--steps 10] [--budget 15]
-Writes benchmarks/results/contention.json and prints a Markdown table (copied into BENCHMARKS.md).
+`--demo` times the case issue 14 reported instead: the whole `medda demo --ssl` (phantoms, 3D source training,
+evaluation, five adaptations per target, BCP and its twin) with medda's defaults, alone and then next to the same
+busy process, each run in a fresh folder (MLflow in a SQLite file inside it) that is deleted afterwards.
+
+Usage (repository root):  .venv/bin/python benchmarks/contention.py [--steps 10] [--budget 15] [--out FILE]
+                          .venv/bin/python benchmarks/contention.py --demo [--out FILE]
+Writes benchmarks/results/contention.json (contention_demo.json with --demo) unless --out says otherwise, and
+prints a Markdown table (copied into BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "contention.json"
+DEMO_RESULTS = RESULTS.with_name("contention_demo.json")
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"torch defaults": "torch", "medda (automatic)": "medda", "medda, threads=1": "medda1"}
 OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
@@ -94,14 +102,60 @@ def machine() -> dict:
     }
 
 
+def save_and_describe(results: dict, out: Path) -> None:
+    """Write `results` to `out` and print the machine line that goes above the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(f"\nCPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, {m['usable_cpus']} usable of "
+          f"{m['cores']} cores, torch {m['torch']}, 1-min load average at start {m['load_average_1min_at_start']:.2f}\n")
+
+
+def time_demo(contended: bool) -> float:
+    """Wall seconds of `medda demo --ssl` in a fresh folder, optionally next to a busy process."""
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contended else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="medda-demo-") as folder:
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "pipelines.cli", "demo", "--ssl", "--output", f"{folder}/out",
+                 "--tracking-uri", f"sqlite:///{folder}/mlflow.db"],
+                cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                env={k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES},  # medda's own defaults
+            )
+            return time.perf_counter() - start
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+
+
+def demo_main(out: Path) -> None:
+    results = {"machine": machine(), "command": "medda demo --ssl (defaults)"}
+    results["alone_s"] = time_demo(contended=False)
+    print(f"alone: {results['alone_s']:.0f} s", flush=True)
+    results["contended_s"] = time_demo(contended=True)
+    print(f"next to a busy process: {results['contended_s']:.0f} s", flush=True)
+    save_and_describe(results, out)
+    print("| run | alone (min) | with a busy neighbour (min) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| `medda demo --ssl`, defaults | {results['alone_s'] / 60:.1f} | {results['contended_s'] / 60:.1f} "
+          f"| {results['contended_s'] / results['alone_s']:.1f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per phase (after one warm-up)")
     parser.add_argument("--budget", type=float, default=15.0, help="seconds per phase at most")
+    parser.add_argument("--demo", action="store_true", help="time the whole `medda demo --ssl` instead")
+    parser.add_argument("--out", type=Path, help="result file (default: benchmarks/results/contention[_demo].json)")
     parser.add_argument("--worker", choices=sorted(set(POLICIES.values())), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.budget)))
+        return
+    if args.demo:
+        demo_main(args.out or DEMO_RESULTS)
         return
 
     results = {"machine": machine(), "policies": {}}
@@ -113,12 +167,7 @@ def main() -> None:
         ).stdout
         results["policies"][name] = json.loads(out.strip().splitlines()[-1])
         print(name, results["policies"][name], flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-
-    m = results["machine"]
-    print(f"\nCPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, {m['usable_cpus']} usable of "
-          f"{m['cores']} cores, torch {m['torch']}, 1-min load average at start {m['load_average_1min_at_start']:.2f}\n")
+    save_and_describe(results, args.out or RESULTS)
     print("| policy | threads | OpenMP wait | alone (s/step) | with a busy neighbour (s/step) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, r in results["policies"].items():

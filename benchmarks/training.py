@@ -13,7 +13,7 @@ CPU-bound process, `python -c "while True: pass"`).
 Unlabelled sets are cut to `--unlabeled-limit` cases (caching all 67 or 36 would only add set-up time).
 
 Usage: MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/training.py [--before bd8a086] [--steps 20]
-Writes benchmarks/results/training.json and prints a Markdown table (copied into BENCHMARKS.md).
+Writes benchmarks/results/training.json (or `--out`) and prints a Markdown table (copied into BENCHMARKS.md).
 `--dice 1500` instead trains the 7-labelled ACDC supervised recipe for 1500 iterations in each checkout (its own
 settings, one after the other) and writes test Dice and training wall time to benchmarks/results/training_dice.json.
 `--data --steps 40` times only the data side of a 2D BCP step (a labelled and an unlabelled batch) in each checkout.
@@ -206,6 +206,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--unlabeled-limit", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="alternate before/after this many times; best kept")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="step-time result file (default benchmarks/results/training.json; another machine's "
+                             "run goes to its own file)")
     parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dice", type=int, metavar="ITERATIONS",
@@ -288,13 +291,13 @@ def main() -> None:
                      "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16()},
     }
     # `--cases` reruns some cases: the others' rows stay when they were measured with the same settings
-    earlier = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.exists() else {}
+    earlier = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}
     same = all(earlier.get(key) == value for key, value in result.items())
     rows = {**(earlier.get("cases", {}) if same else {}), **rows}
     result["cases"] = {case: rows[case] for case in CASES if case in rows}
     rows = result["cases"]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("\n| case | " + " | ".join(f"{side} (s/step)" for side in SIDES) + " | speed-up |")
     print("|---" * (len(SIDES) + 2) + "|")
     for case, row in rows.items():
