@@ -24,6 +24,7 @@ prints a Markdown table (copied into BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "contention.json"
@@ -38,6 +40,23 @@ DEMO_RESULTS = RESULTS.with_name("contention_demo.json")
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"torch defaults": "torch", "medda (automatic)": "medda", "medda, threads=1": "medda1"}
 OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def busy_neighbour() -> Iterator[None]:
+    """One CPU-bound process (`python -c "while True: pass"`) running for the duration of the block."""
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the neighbour reach its core
+        yield
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+
+
+def without_openmp_settings() -> dict[str, str]:
+    """This environment minus the OpenMP variables, so that each child starts from the policy under test."""
+    return {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
 
 
 def _steps_per_phase(step, steps: int, budget: float) -> list[float]:
@@ -76,13 +95,8 @@ def worker(policy: str, steps: int, budget: float) -> dict:
         optimiser.step()
 
     alone = _steps_per_phase(step, steps, budget)
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.5)  # let the neighbour reach its core
+    with busy_neighbour():
         contended = _steps_per_phase(step, steps, budget)
-    finally:
-        neighbour.kill()
-        neighbour.wait()
     return {
         "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "alone_s": sum(alone) / len(alone), "contended_s": sum(contended) / len(contended),
@@ -113,21 +127,16 @@ def save_and_describe(results: dict, out: Path) -> None:
 
 def time_demo(contended: bool) -> float:
     """Wall seconds of `medda demo --ssl` in a fresh folder, optionally next to a busy process."""
-    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if contended else None
-    try:
-        with tempfile.TemporaryDirectory(prefix="medda-demo-") as folder:
-            start = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "pipelines.cli", "demo", "--ssl", "--output", f"{folder}/out",
-                 "--tracking-uri", f"sqlite:///{folder}/mlflow.db"],
-                cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                env={k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES},  # medda's own defaults
-            )
-            return time.perf_counter() - start
-    finally:
-        if neighbour is not None:
-            neighbour.kill()
-            neighbour.wait()
+    with tempfile.TemporaryDirectory(prefix="medda-demo-") as folder, (
+        busy_neighbour() if contended else contextlib.nullcontext()
+    ):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "demo", "--ssl", "--output", f"{folder}/out",
+             "--tracking-uri", f"sqlite:///{folder}/mlflow.db"],
+            cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=without_openmp_settings(),
+        )
+        return time.perf_counter() - start
 
 
 def demo_main(out: Path) -> None:
@@ -159,11 +168,10 @@ def main() -> None:
         return
 
     results = {"machine": machine(), "policies": {}}
-    clean = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     for name, policy in POLICIES.items():
         out = subprocess.run(
             [sys.executable, __file__, "--worker", policy, "--steps", str(args.steps), "--budget", str(args.budget)],
-            env=clean, cwd=ROOT, check=True, capture_output=True, text=True,
+            env=without_openmp_settings(), cwd=ROOT, check=True, capture_output=True, text=True,
         ).stdout
         results["policies"][name] = json.loads(out.strip().splitlines()[-1])
         print(name, results["policies"][name], flush=True)
