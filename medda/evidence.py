@@ -114,10 +114,18 @@ class CaseKeeper:
 
 
 # --------------------------------------------------------------------------------------------- figures
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100, layout=layout)
+
+
+def _outlines(mask: np.ndarray) -> list[np.ndarray]:
+    """The 0.5 iso-lines of a 2D binary mask as (N, 2) x/y polylines: what `ax.contour(mask, levels=[0.5])` draws,
+    from the same contouring library (contourpy, matplotlib's own) without building a ContourSet per mask."""
+    from contourpy import contour_generator
+
+    return contour_generator(z=mask).lines(0.5)
 
 
 def _slice_axis(spacing: Sequence[float]) -> int:
@@ -137,7 +145,13 @@ def montage_slices(label: np.ndarray, prediction: np.ndarray, axis: int, count: 
 def overlay_figure(
     case: CaseImages, class_names: Sequence[str], path: Path, max_slices: int = 8, class_scores: dict | None = None,
 ) -> Path:
-    """Slice montage of one case: image in grey, ground truth solid, prediction dashed (one colour per class)."""
+    """Slice montage of one case: image in grey, ground truth solid, prediction dashed (one colour per class).
+
+    Laid out by hand (fixed margins, axes-relative slice titles, one line collection per slice): matplotlib's
+    constrained layout, axes titles and per-mask contour sets took most of a second per figure on a CPU."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
     axis = _slice_axis(case.spacing)
     indices = montage_slices(case.label, case.prediction, axis, max_slices)
     keep = [i for i in range(3) if i != axis]
@@ -146,7 +160,10 @@ def overlay_figure(
     vmin, vmax = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
     ncols = min(4, len(indices))
     nrows = math.ceil(len(indices) / ncols)
-    fig = _figure(2.6 * ncols, 2.6 * nrows + 0.9)
+    top, bottom, panel = 0.45, 0.55, 2.6  # inches: suptitle band, legend band, one slice (with its title)
+    height = panel * nrows + top + bottom
+    fig = _figure(panel * ncols, height, layout=None)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - top / height, bottom=bottom / height, wspace=0.04, hspace=0.12)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -154,24 +171,30 @@ def overlay_figure(
     for ax, index in zip(axes.flat, indices, strict=False):
         image = np.take(case.image, index, axis=axis)
         ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
+        lines, colours, styles = [], [], []
         for k in classes:
             colour = CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)]
             for volume, style in ((case.label, "solid"), (case.prediction, "dashed")):
                 mask = (np.take(volume, index, axis=axis) == k).T.astype(np.float32)
                 if mask.any() and not mask.all():
-                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.4, linestyles=style)
-        ax.set_title(f"slice {index} (axis {axis})", fontsize=8)
+                    outlines = _outlines(mask)
+                    lines += outlines
+                    colours += [colour] * len(outlines)
+                    styles += [style] * len(outlines)
+        if lines:
+            ax.add_collection(LineCollection(lines, colors=colours, linestyles=styles, linewidths=1.4), autolim=False)
+        ax.text(0.5, 1.01, f"slice {index} (axis {axis})", transform=ax.transAxes, ha="center", va="bottom", fontsize=8)
     detail = ""
     if class_scores:
         detail = "  ·  " + ", ".join(f"{n} {v:.3f}" for n, v in class_scores.items())
-    fig.suptitle(f"{' / '.join(case.roles)} case {case.case_id}: mean Dice {case.score:.3f}{detail}", fontsize=10)
-    from matplotlib.lines import Line2D
-
+    fig.suptitle(f"{' / '.join(case.roles)} case {case.case_id}: mean Dice {case.score:.3f}{detail}", fontsize=10,
+                 y=1 - 0.08 / height, va="top")
     handles = [Line2D([], [], color=CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)], lw=2, label=class_names[k])
                for k in classes]
     handles += [Line2D([], [], color="black", lw=1.4, ls="solid", label="ground truth"),
                 Line2D([], [], color="black", lw=1.4, ls="dashed", label="prediction")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.02 / height), ncols=min(len(handles), 6),
+               fontsize=8, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
@@ -235,7 +258,9 @@ def monitoring_figure(
     panels = [(k, t) for k, t in panels if k == "ratio/*" or any(k in h for h in history)]
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
-    fig = _figure(4 * ncols, 3 * nrows + 0.4)
+    height = 3 * nrows + 0.4
+    fig = _figure(4 * ncols, height, layout=None)  # fixed margins: constrained layout cost half the drawing time
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.6 / height, top=1 - 0.6 / height, wspace=0.3, hspace=0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
@@ -265,7 +290,7 @@ def monitoring_figure(
         ax.set_xlabel("iteration", fontsize=8)
     note = f"chosen iteration {chosen_iteration}" if chosen_iteration and chosen_iteration > 0 else "no adapted checkpoint chosen"
     fig.suptitle(f"Label-free monitoring (green: {note}" + (f"; red: collapse — {collapse}" if collapse else "") + ")",
-                 fontsize=10)
+                 fontsize=10, y=1 - 0.1 / height, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path

@@ -1,10 +1,13 @@
 """Several processes (torchrun, gloo on CPU): sharded, resumable `medda predict` and `medda evaluate`; DDP training
 and adaptation with synchronised batch norm.
 
-The multi-process tests launch `python -m torch.distributed.run --standalone --nproc_per_node 2` on five tiny phantom
-cases (40 x 40 x 16 voxels) and compare with one process running the same command: every case is written exactly
-once, the label maps equal the single-process ones, evaluate's per-case metrics are equal and MLflow holds one run;
-a rerun after losing some outputs predicts only those. Commands refused under torchrun are checked too.
+The multi-process tests run 2 ranks on five tiny phantom cases (40 x 40 x 16 voxels) and compare with one process
+running the same command: every case is written exactly once, the label maps equal the single-process ones,
+evaluate's per-case metrics are equal and MLflow holds one run; a rerun after losing some outputs predicts only
+those. Commands refused under torchrun are checked too. The first sharded predict and the killed rank launch
+`python -m torch.distributed.run --standalone --nproc_per_node 2` itself; the other launches fork their ranks with
+torchrun's environment from a process that imported medda once (tests/forked_ranks.py), which saves the start-up of
+two interpreters per launch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from forked_ranks import run_ranks
 from typer.testing import CliRunner
 
 from medda import api, distributed
@@ -69,15 +73,25 @@ def ws(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, datalist=datalist, ckpt=_checkpoint(root / "model.pt"), recipe=recipe)
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str, ...] = ("-m", "pipelines.cli")
-             ) -> subprocess.CompletedProcess:
-    """`medda ARGS` (or `program ARGS`) under torchrun with `nproc` CPU processes (gloo), one thread each."""
+def _rank_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONWARNINGS": "ignore",
            "CUDA_VISIBLE_DEVICES": ""}
     env.pop("MEDDA_TRACKING", None)
+    return env
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str, ...] = ("-m", "pipelines.cli")
+             ) -> subprocess.CompletedProcess:
+    """`medda ARGS` (or `program ARGS`) under torchrun itself with `nproc` CPU processes (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *program, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(cmd, cwd=REPO, env=_rank_env(), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def ranks(*args: str, nproc: int = 2, program: tuple[str, ...] = ("-m", "pipelines.cli")) -> subprocess.CompletedProcess:
+    """The same with forked ranks and torchrun's environment (tests/forked_ranks.py: no interpreter start-up and
+    MONAI import per rank, which cost about 15 s of CPU each on 2 cores)."""
+    return run_ranks(*args, nproc=nproc, program=program, cwd=REPO, env=_rank_env())
 
 
 def _predictions(folder: Path) -> list[Path]:
@@ -210,7 +224,7 @@ def test_sharded_predict_writes_every_case_once_and_resumes(ws, single):
     files[1].unlink()
     files[2].write_bytes(b"\x1f\x8b truncated")
     kept = {p: p.stat().st_mtime_ns for p in files[3:]}
-    again = torchrun(*_predict_args(ws, out))
+    again = ranks(*_predict_args(ws, out))
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"wrote 3 predictions to {out} ({CASES - 3} already there" in again.stdout, again.stdout
     assert {p: p.stat().st_mtime_ns for p in files[3:]} == kept  # untouched
@@ -231,7 +245,7 @@ def test_a_killed_rank_costs_only_the_cases_it_had_not_written(ws, single):
     # what a writer killed mid-file leaves (rank 0 may leave one too, when torchrun stops it while it writes)
     stale = out / f".{sorted(single.labels)[0].removesuffix('.nii.gz')}.99999.tmp.nii.gz"
     stale.write_bytes(b"\x1f\x8b half a file")
-    again = torchrun(*_predict_args(ws, out))
+    again = ranks(*_predict_args(ws, out))
     assert again.returncode == 0, again.stdout + again.stderr
     missing = CASES - len(before)
     assert f"wrote {missing} predictions to {out} ({len(before)} already there" in again.stdout, again.stdout
@@ -245,7 +259,7 @@ def test_sharded_evaluate_equals_one_process_and_logs_one_run(ws, single):
     from medda.tracking import TrackingStore
 
     recipe = ws.recipe("ddp_eval")
-    run = torchrun("evaluate", str(ws.ckpt), str(recipe), "--threads", "1", "--save-predictions")
+    run = ranks("evaluate", str(ws.ckpt), str(recipe), "--threads", "1", "--save-predictions")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("per-case table:") == 1, run.stdout  # printed once, by rank 0
     rows = _rows(ws.root / "ddp_eval" / "per_case.csv")
@@ -267,7 +281,7 @@ def test_sharded_evaluate_equals_one_process_and_logs_one_run(ws, single):
 @pytest.mark.slow
 def test_refused_under_torchrun_with_one_line(ws):
     recipe = ws.recipe("ddp_sweep")
-    run = torchrun("adapt", str(recipe), f"source_checkpoint={ws.ckpt}", "--methods", "adabn,tent")
+    run = ranks("adapt", str(recipe), f"source_checkpoint={ws.ckpt}", "--methods", "adabn,tent")
     assert run.returncode != 0
     lines = [line for line in run.stderr.splitlines() if line.startswith("medda: error:")]
     assert lines and all("medda adapt --methods/--evaluate is not supported under torchrun yet" in line
@@ -289,16 +303,12 @@ def test_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     """
     import ddp_equivalence
 
-    script = str(REPO / "tests" / "ddp_equivalence.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = (str(REPO / "tests" / "ddp_equivalence.py"),)
     (tmp_path / "one").mkdir()
     (tmp_path / "ddp").mkdir()
-    one = subprocess.run([sys.executable, script, str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600, check=False)
+    one = ranks(str(tmp_path / "one"), nproc=1, program=script)  # WORLD_SIZE 1: no process group
     assert one.returncode == 0, one.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
-                          str(tmp_path / "ddp")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    ddp = ranks(str(tmp_path / "ddp"), nproc=2, program=script)
     assert ddp.returncode == 0, ddp.stderr
     for mode in ddp_equivalence.METHODS:
         single = torch.load(tmp_path / "one" / f"{mode}.pt", weights_only=True)
@@ -312,13 +322,13 @@ def test_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
         if mode == "adabn":  # statistics only: every parameter bit-identical
             assert all(torch.equal(single[k], start[k]) for k, _ in ddp_equivalence.start_model(mode).named_parameters())
     for mode in ddp_equivalence.TEACHER_METHODS:  # EMA teachers (and students) identical on every rank
-        ranks = [torch.load(tmp_path / "ddp" / f"{mode}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        per_rank = [torch.load(tmp_path / "ddp" / f"{mode}_rank{r}.pt", weights_only=True) for r in (0, 1)]
         start = ddp_equivalence.start_model(mode).state_dict()
         for part in ("student", "teacher"):
-            assert max(float((ranks[0][part][k] - start[k]).abs().max()) for k in start
+            assert max(float((per_rank[0][part][k] - start[k]).abs().max()) for k in start
                        if start[k].is_floating_point()) > 1e-3, (mode, part)
-            for key in ranks[0][part]:
-                assert torch.equal(ranks[0][part][key], ranks[1][part][key]), f"{mode} {part}: {key}"
+            for key in per_rank[0][part]:
+                assert torch.equal(per_rank[0][part][key], per_rank[1][part][key]), f"{mode} {part}: {key}"
 
 
 @pytest.mark.slow
@@ -332,7 +342,7 @@ def test_ddp_train_ssl_command_reports_once(ws):
                  "data.patch_size=[16,16,8]", "model.channels=[8,16]", "method.name=bcp",
                  "method.options={pretrain_iterations: 2}", "train.iterations=4", "train.val_every=2",
                  "train.batch_size=2", "train.amp=off"]
-    run = torchrun("train-ssl", str(recipe), *overrides, "--threads", "1")
+    run = ranks("train-ssl", str(recipe), *overrides, "--threads", "1")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("no data.test: skipping the comparison") == 1, run.stdout
     assert {p.name for p in (ws.root / "ddp_ssl" / "bcp").glob("*.pt")} >= {"last.pt"}
@@ -353,7 +363,7 @@ def test_ddp_adapt_command_tracks_and_checkpoints_once(ws, method):
     overrides = [f"source_checkpoint={ws.ckpt}", f"data.target={{path: '{ws.datalist}'}}", "data.test=null",
                  f"method.name={method}", "train.iterations=4", "train.val_every=2", "train.batch_size=1",
                  "train.amp=off"]
-    run = torchrun("adapt", str(recipe), *overrides, "--threads", "1")
+    run = ranks("adapt", str(recipe), *overrides, "--threads", "1")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(f"adapted with {method}") == 1 and run.stdout.count("adapted model ") == 1, run.stdout
     out = ws.root / f"ddp_adapt_{method}"
@@ -376,7 +386,7 @@ def test_ddp_train_command_tracks_and_checkpoints_once(ws):
                  f"data.val={{path: '{ws.datalist}', split: validation}}", "data.test=null",
                  "data.patch_size=[16,16,8]", "model.channels=[8,16]", "model.norm=instance",
                  "train.iterations=4", "train.val_every=2", "train.batch_size=1", "train.amp=off"]
-    run = torchrun("train", str(recipe), *overrides, "--threads", "1")
+    run = ranks("train", str(recipe), *overrides, "--threads", "1")
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("trained supervised: 4 iterations") == 1, run.stdout
     out = ws.root / "ddp_train"

@@ -3,8 +3,8 @@ adaptation, a mean-teacher run and a BCP run (before, at and after its phase swi
 A resumed run ends with the same weights, bit for bit, as an uninterrupted one with the same seed (CPU, float32,
 one thread), continues the same MLflow run and leaves no run RUNNING.
 
-Tiny runs (a 2-level UNet, 16 x 16 x 8 patches, 12 iterations); the two command-line subprocess tests take a few
-seconds each, mostly the interpreter's start-up.
+Tiny runs (a 2-level UNet, 16 x 16 x 8 patches, 12 iterations); the two command-line tests signal the command in
+another process (forked, tests/forked_ranks.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from forked_ranks import Forked
 from typer.testing import CliRunner
 
 from medda import api
@@ -245,10 +245,11 @@ def cli_recipe(root: Path, tmp: Path, uri: str) -> Path:
 
 
 def start_and_signal(recipe: Path, out: Path, signum: int, after: int) -> subprocess.CompletedProcess:
-    """`medda train RECIPE` in a subprocess, sent `signum` once its resume state reaches iteration `after`."""
-    exe = Path(sys.executable).parent / "medda"
-    process = subprocess.Popen([str(exe), "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, encoding="utf-8")
+    """`medda train RECIPE` in another process, sent `signum` once its resume state reaches iteration `after`.
+
+    The process is `python -m pipelines.cli` forked from a process that imported medda once (tests/forked_ranks.py):
+    what the `medda` console script runs, without 15 s of interpreter start-up (test_cli starts the script itself)."""
+    process = Forked("train", str(recipe), cwd=REPO)
     deadline = time.monotonic() + 120
     while (done := resume_iteration(out)) is None or done < after:
         assert process.poll() is None, process.communicate()
@@ -265,7 +266,7 @@ def cli_reference(phantom_root, tmp_path_factory):
     return api.train(train_cfg(phantom_root, tmp / "run", iterations=60))
 
 
-@pytest.mark.slow  # a real subprocess: mostly the interpreter's start-up
+@pytest.mark.slow  # another process, really signalled
 def test_sigterm_to_the_command_kills_the_run_and_resume_finishes_it(phantom_root, cli_reference, tmp_path,
                                                                      mlflow_uri):
     recipe = cli_recipe(phantom_root, tmp_path, mlflow_uri)
@@ -284,7 +285,7 @@ def test_sigterm_to_the_command_kills_the_run_and_resume_finishes_it(phantom_roo
     assert_same_weights(out / "last.pt", cli_reference.last)
 
 
-@pytest.mark.slow  # a real subprocess: mostly the interpreter's start-up
+@pytest.mark.slow  # another process, really signalled
 def test_sigkill_leaves_the_run_running_until_resume_finishes_it(phantom_root, cli_reference, tmp_path, mlflow_uri):
     recipe = cli_recipe(phantom_root, tmp_path, mlflow_uri)
     out = tmp_path / "run"
