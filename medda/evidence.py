@@ -171,18 +171,17 @@ def overlay_figure(
     for ax, index in zip(axes.flat, indices, strict=False):
         image = np.take(case.image, index, axis=axis)
         ax.imshow(image.T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
-        lines, colours, styles = [], [], []
-        for k in classes:
-            colour = CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)]
-            for volume, style in ((case.label, "solid"), (case.prediction, "dashed")):
+        for volume, style in ((case.label, "solid"), (case.prediction, "dashed")):
+            lines, colours = [], []  # one collection per style: a per-line style list costs a lookup per line
+            for k in classes:
                 mask = (np.take(volume, index, axis=axis) == k).T.astype(np.float32)
                 if mask.any() and not mask.all():
                     outlines = _outlines(mask)
                     lines += outlines
-                    colours += [colour] * len(outlines)
-                    styles += [style] * len(outlines)
-        if lines:
-            ax.add_collection(LineCollection(lines, colors=colours, linestyles=styles, linewidths=1.4), autolim=False)
+                    colours += [CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)]] * len(outlines)
+            if lines:
+                ax.add_collection(LineCollection(lines, colors=colours, linestyles=style, linewidths=1.4),
+                                  autolim=False)
         ax.text(0.5, 1.01, f"slice {index} (axis {axis})", transform=ax.transAxes, ha="center", va="bottom", fontsize=8)
     detail = ""
     if class_scores:
