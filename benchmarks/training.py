@@ -24,6 +24,7 @@ backward, on bf16 channels-last outputs of the recipe's shapes) and its two larg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from contention import busy_neighbour  # this folder: the contention benchmark's busy process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "training.json"
@@ -177,13 +180,8 @@ def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: b
                "--unlabeled-limit", str(args.unlabeled_limit)]
     if threads and case != "losses":
         cmd += ["--threads", str(threads)]
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if neighbour else None
-    try:
+    with busy_neighbour() if neighbour else contextlib.nullcontext():
         out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
-    finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
     if out.returncode != 0:
         raise SystemExit(f"{case} in {tree} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

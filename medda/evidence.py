@@ -147,8 +147,8 @@ def overlay_figure(
 ) -> Path:
     """Slice montage of one case: image in grey, ground truth solid, prediction dashed (one colour per class).
 
-    Laid out by hand (fixed margins, axes-relative slice titles, one line collection per slice): matplotlib's
-    constrained layout, axes titles and per-mask contour sets took most of a second per figure on a CPU."""
+    Laid out by hand (fixed margins, axes-relative slice titles, one line collection per style and slice): matplotlib's
+    constrained layout, axes titles and a contour set per mask were most of the drawing time on a CPU."""
     from matplotlib.collections import LineCollection
     from matplotlib.lines import Line2D
 
@@ -258,7 +258,7 @@ def monitoring_figure(
     ncols = 3
     nrows = math.ceil(len(panels) / ncols)
     height = 3 * nrows + 0.4
-    fig = _figure(4 * ncols, height, layout=None)  # fixed margins: constrained layout cost half the drawing time
+    fig = _figure(4 * ncols, height, layout=None)  # fixed margins: constrained layout re-measures every text each draw
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.6 / height, top=1 - 0.6 / height, wspace=0.3, hspace=0.5)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[len(panels):]:

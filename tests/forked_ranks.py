@@ -113,14 +113,6 @@ class Forked:
         return out, err
 
 
-def run_program(*args: str, program: tuple[str, ...] = CLI, cwd: Path | str = ".", env: dict[str, str] | None = None,
-                timeout: float = 600) -> subprocess.CompletedProcess:
-    """Like `subprocess.run([sys.executable, *program, *args])`, forked."""
-    child = Forked(*args, program=program, cwd=cwd, env=env)
-    stdout, stderr = child.communicate(timeout)
-    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

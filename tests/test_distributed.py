@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from forked_ranks import run_ranks
+from forked_ranks import CLI, run_ranks
 from typer.testing import CliRunner
 
 from medda import api, distributed
@@ -80,7 +80,7 @@ def _rank_env() -> dict[str, str]:
     return env
 
 
-def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str, ...] = ("-m", "pipelines.cli")
+def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str, ...] = CLI
              ) -> subprocess.CompletedProcess:
     """`medda ARGS` (or `program ARGS`) under torchrun itself with `nproc` CPU processes (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -88,7 +88,7 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str,
     return subprocess.run(cmd, cwd=REPO, env=_rank_env(), capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def ranks(*args: str, nproc: int = 2, program: tuple[str, ...] = ("-m", "pipelines.cli")) -> subprocess.CompletedProcess:
+def ranks(*args: str, nproc: int = 2, program: tuple[str, ...] = CLI) -> subprocess.CompletedProcess:
     """The same with forked ranks and torchrun's environment (tests/forked_ranks.py: no interpreter start-up and
     MONAI import per rank, which cost about 15 s of CPU each on 2 cores)."""
     return run_ranks(*args, nproc=nproc, program=program, cwd=REPO, env=_rank_env())
