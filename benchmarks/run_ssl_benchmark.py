@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict:
         "pretrain_iterations": args.pretrain if args.method == "bcp" else None,
         "train_wall_min": round(train_wall / 60, 1), "selected": str(trained.selection),
         "best_iteration": trained.loop.best_iteration,
+        "best_val_dice": trained.loop.best_score,  # recipes are compared on this, not on test
         "seed": args.seed, "tag": args.tag, "options": args.option, "overrides": args.override,
         "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "eval": {},

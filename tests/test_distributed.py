@@ -85,7 +85,9 @@ def torchrun(*args: str, nproc: int = 2, timeout: int = 600, program: tuple[str,
     """`medda ARGS` (or `program ARGS`) under torchrun itself with `nproc` CPU processes (gloo), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *program, *args]
-    return subprocess.run(cmd, cwd=REPO, env=_rank_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    # torchrun's error report can hold non-ASCII bytes: decode them as UTF-8 whatever this process's locale is
+    return subprocess.run(cmd, cwd=REPO, env=_rank_env(), capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=timeout, check=False)
 
 
 def ranks(*args: str, nproc: int = 2, program: tuple[str, ...] = CLI) -> subprocess.CompletedProcess:
