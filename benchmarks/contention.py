@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -105,15 +104,10 @@ def worker(policy: str, steps: int, budget: float) -> dict:
 
 
 def machine() -> dict:
-    import torch
 
-    from medda.runtime import cpu_has_bf16, usable_cpus
+    from medda.runtime import machine_description, usable_cpus
 
-    return {
-        "cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_units": cpu_has_bf16(), "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
-        "load_average_1min_at_start": os.getloadavg()[0], "torch": torch.__version__,
-    }
+    return {**machine_description(), "usable_cpus": usable_cpus(), "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def save_and_describe(results: dict, out: Path) -> None:
@@ -122,7 +116,7 @@ def save_and_describe(results: dict, out: Path) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     print(f"\nCPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, {m['usable_cpus']} usable of "
-          f"{m['cores']} cores, torch {m['torch']}, 1-min load average at start {m['load_average_1min_at_start']:.2f}\n")
+          f"{m['cpus']} CPUs, torch {m['torch']}, 1-min load average at start {m['load_average_1min_at_start']:.2f}\n")
 
 
 def time_demo(contended: bool) -> float:

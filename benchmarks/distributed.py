@@ -43,12 +43,11 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12, help="phantom cases (site A)")
     args = parser.parse_args()
 
-    import torch
 
     from medda.config import load_config
     from medda.data.phantoms import write_phantom_dataset
     from medda.models.factory import build_model, save_checkpoint
-    from medda.runtime import cpu_has_bf16
+    from medda.runtime import machine_description
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,8 +78,7 @@ def main() -> None:
             rows.append({"command": "train", "processes": processes,
                          "seconds_per_iteration": round((times[60] - times[10]) / 50, 4),
                          "seconds_10": round(times[10], 1), "seconds_60": round(times[60], 1)})
-    machine = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16(),
-               "torch": torch.__version__, "cases": args.cases}
+    machine = {**machine_description(), "cases": args.cases}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
     print(f"{machine}\n\n| command | processes x threads | wall (s) | s / iteration |\n|---|---|---|---|")

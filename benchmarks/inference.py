@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -260,13 +259,9 @@ def quick_inputs(tmp: Path) -> tuple[Path, Path, Path, str]:
 
 
 def machine() -> dict:
-    import torch
+    from medda.runtime import machine_description
 
-    from medda.runtime import cpu_has_bf16
-
-    return {"cpu": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_units": cpu_has_bf16(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return machine_description()
 
 
 def main() -> None:
@@ -308,7 +303,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2) + "\n")
         m = result["machine"]
-        print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}; {r['cases']} "
+        print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, AMX {m['amx']}, GPU {m['gpu']}; {r['cases']} "
               f"cases, {r['threads']} threads, autocast {r['amp']}, window {r['roi_size']}, default {r['default']}\n")
         print("| overlap | sw_batch_size | windows | seconds per case | agreement with the default | "
               "Dice vs labels (voxels) |")
@@ -342,7 +337,7 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     m, c, r = result["machine"], result["comparison"], result["peak_rss"]
-    print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, GPU {m['gpu']}, torch {m['torch']}; "
+    print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, AMX {m['amx']}, GPU {m['gpu']}, torch {m['torch']}; "
           f"{c['cases']} cases, {c['threads']} threads, medda autocast {c['amp']}; preprocessed shapes "
           f"{c['preprocessed_shapes']}; windows {c['window_count']}\n")
     print("| variant | seconds | speed-up over MONAI defaults | agreement with MONAI defaults (Dice) |")

@@ -506,6 +506,8 @@ def main() -> int:
         )
     import torch
 
+    from medda.runtime import machine_description
+
     os.chdir(REPO)
     bench = Bench(args)
     started, cpu0 = time.perf_counter(), time.process_time()
@@ -514,12 +516,7 @@ def main() -> int:
         "scenario": args.scenario,
         "command": "MEDDA_DATA_ROOT=... python "
         + " ".join(["benchmarks/run_adaptation_benchmark.py", *sys.argv[1:]]),
-        "hardware": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
-            "note": "2 vCPU AMD EPYC shared with other jobs (contention)",
-        },
+        "hardware": {**machine_description(), "threads": torch.get_num_threads()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "git": git_info(),
         "budgets": vars(args),

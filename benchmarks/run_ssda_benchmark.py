@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -80,10 +79,9 @@ def _label(r: dict) -> str:
 
 def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
         option: tuple[str, ...] = ()) -> dict:
-    import torch
 
     from medda import api
-    from medda.runtime import cpu_has_bf16
+    from medda.runtime import machine_description
 
     name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "") + (f"_{tag}" if tag else "")
     extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
@@ -102,9 +100,7 @@ def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str
         "tag": tag, "options": list(option),
         "train_wall_min": round(train_wall / 60, 1), "checkpoint_policy": str(trained.selection),
         "trained_on": list(LABELLED[:k]), "evaluated_on": list(LABELLED[k:]),
-        "hardware": {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
-                     "bf16_units": cpu_has_bf16(),
-                     "torch_threads": cfg.train.threads},
+        "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "run_id": trained.run_id,
         "eval": evaluate(trained.checkpoint, cfg, OUT / name / "eval"),
     }

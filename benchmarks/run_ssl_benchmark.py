@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -69,6 +68,7 @@ def largest_component_eval() -> None:
 def run(args: argparse.Namespace) -> dict:
     from medda import api
     from medda.config import load_config
+    from medda.runtime import machine_description
 
     split = f"labeled_{args.labeled}_patients"
     name = f"{args.method}_{args.labeled}_{args.iterations}" + (f"_seed{args.seed}" if args.seed else "")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
         "best_iteration": trained.loop.best_iteration,
         "best_val_dice": trained.loop.best_score,  # recipes are compared on this, not on test
         "seed": args.seed, "tag": args.tag, "options": args.option, "overrides": args.override,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "torch_threads": cfg.train.threads},
+        "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
         "config_digest": cfg.digest(), "eval": {},
     }
     for policy, path in (("best_on_val", trained.checkpoint), ("last", trained.last)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from monai.inferers import SlidingWindowInferer
 
 from medda.config import ModelConfig
 from medda.models.factory import build_model
-from medda.runtime import autocast, cpu_has_bf16, memory_format
+from medda.runtime import autocast, cpu_has_bf16, machine_description, memory_format
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
 # name -> (model config, spatial dims, training batch shape, inference volume, roi)
@@ -87,8 +86,7 @@ def main() -> None:
     variants = [("float32", None, False), ("float32 + channels-last", None, True)]
     if cpu_has_bf16():
         variants += [("bf16", torch.bfloat16, False), ("bf16 + channels-last (default)", torch.bfloat16, True)]
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                           "torch": torch.__version__, "bf16_units": cpu_has_bf16()}, "cases": {}}
+    results = {"machine": {**machine_description(), "threads": args.threads}, "cases": {}}
     lines = ["| network, input | variant | train step (s) | inference (s) |", "|---|---|---|---|"]
     for name, (cfg, dims, batch, volume, roi) in CASES.items():
         for label, amp, cl in variants:

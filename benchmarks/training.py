@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -233,9 +232,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.unlabeled_limit, args.threads)))
         return
 
-    import torch
 
-    from medda.runtime import cpu_has_bf16
+    from medda.runtime import machine_description
 
     with tempfile.TemporaryDirectory() as scratch:
         before = Path(scratch) / "before"
@@ -285,8 +283,7 @@ def main() -> None:
     result = {
         "before": args.before, "after": "working tree", "steps": args.steps, "warmup": args.warmup,
         "rounds": args.rounds, "unlabeled_limit": args.unlabeled_limit, "threads": 1,
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16()},
+        "hardware": machine_description(),
     }
     # `--cases` reruns some cases: the others' rows stay when they were measured with the same settings
     earlier = json.loads(args.out.read_text(encoding="utf-8")) if args.out.exists() else {}

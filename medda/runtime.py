@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,24 @@ def cpu_has_bf16() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN runs bf16 convolutions on them: faster than AVX-512 bf16 alone)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def machine_description() -> dict:
+    """What every benchmark result records about the machine: the figures depend on it (BENCHMARKS.md)."""
+    return {
+        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16(),
+        "amx": cpu_has_amx(), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:

@@ -129,3 +129,16 @@ def test_runtime_sits_below_every_stage_that_computes():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert {m for m in imported if m and m.startswith("medda")} == {"medda.config"}
+
+
+def test_machine_description_names_the_capabilities_behind_every_figure(monkeypatch):
+    """Benchmarks record the CPU's vector capability, bf16 units and AMX tiles: the same code runs several times
+    faster with them, so a figure without them cannot be compared."""
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    described = runtime.machine_description()
+    assert described["bf16_units"] is True and described["amx"] is False
+    assert described["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert described["cpus"] == os.cpu_count() and described["torch"] == torch.__version__
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert runtime.cpu_has_amx() is False  # an older torch without the probe

@@ -432,6 +432,31 @@ def test_bcp_pseudo_confidence_only_narrows_the_pseudo_labelled_terms():
     assert some.loss.item() != pytest.approx(reference.loss.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("dims,shape", [(2, (16, 16)), (3, (8, 8, 8))])
+def test_bcp_supervised_weight_adds_the_unmixed_labelled_loss_in_stage_2_only(dims, shape):
+    """supervised_weight w (a medda option): stage 2's loss is the reference's + w * Seg on the unmixed labelled
+    batch, from a third student forward on exactly that batch; stage 1 is untouched."""
+    b = batch(shape)
+    x, y = b["labeled"]["image"], b["labeled"]["label"]
+
+    def run(**options):
+        net = Recorder(tiny_unet(dims))
+        bcp = BCP(net, BCPConfig(pretrain_iterations=1, **options), ctx(dims, shape, total=3))
+        return net, bcp, bcp.step(b, 0), bcp.step(b, 1)
+
+    _, _, ref1, ref2 = run()
+    net, bcp, res1, res2 = run(supervised_weight=0.7)
+    assert res1.loss.item() == pytest.approx(ref1.loss.item(), rel=1e-6) and "loss_sup" not in res1.logs
+    assert len(net.inputs) == 1 + 3 and torch.equal(net.inputs[-1], x)  # stage 1: one forward; stage 2: three
+    with torch.no_grad():
+        sup = seg_loss(net.net(x), y, torch.ones(shape), variant=bcp.dice_variant)
+    assert res2.logs["loss_sup"] == pytest.approx(sup.item(), rel=1e-5)
+    assert res2.loss.item() == pytest.approx(ref2.loss.item() + 0.7 * sup.item(), rel=1e-5)
+    assert res2.logs["loss_in"] == pytest.approx(ref2.logs["loss_in"], rel=1e-6)
+    res2.loss.backward()
+    assert all(p.grad is None for p in bcp.teacher.parameters())
+
+
 def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
     """The engine hands BCP the best stage-1 weights at the switch; the selected model is a stage-2 one."""
     import itertools

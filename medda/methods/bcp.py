@@ -24,6 +24,9 @@ Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with
   - L = L_in + L_out, back-propagated into the student only; the teacher follows by EMA in `after_step`.
   - `pseudo_confidence` (a medda option, None = the reference): the pseudo-labelled regions shrink to the voxels
     whose teacher probability of their final pseudo-label reaches the threshold: (1-M)*K_a and M*K_b.
+  - `supervised_weight` w (a medda option, 0 = the reference): L += w * Seg(Q(X_l); Y_l | everywhere), the
+    supervised baseline's loss on the unmixed labelled batch, so the student keeps seeing whole labelled images
+    (one more student forward per step).
 Seg(Q; Y | R) = (CE_R + Dice_R) / 2, CE_R = sum_R CE / |R| (|R| counted over the batch), Dice_R the soft Dice
 over all classes (background included) restricted to R, in one of two forms (`dice_variant`):
   "pooled_squared" (ACDC): per class, pooled over the batch, 1 - (2 sum p y r + s) / (sum p^2 r + sum y^2 r + s),
@@ -98,6 +101,12 @@ class BCPConfig(MethodConfig):
         lt=1.0,
         description="medda option, not in the reference: leave pseudo-labelled voxels whose teacher probability "
         "of their (post-LCC) pseudo-label is below this out of the loss; None = every voxel (reference)",
+    )
+    supervised_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="medda option, not in the reference: stage 2 adds this times the supervised loss on the "
+        "unmixed labelled batch; 0 = the reference (labelled images are seen only inside the mixes)",
     )
 
 
@@ -420,8 +429,13 @@ class BCP(Method):
         loss_in = mixed_seg_loss(q_in, ya, plab_a, mask, 1.0, alpha, **opts, keep_out_mask=keep_a)
         loss_out = mixed_seg_loss(q_out, plab_b, yb, mask, alpha, 1.0, **opts, keep_in_mask=keep_b)
         loss = loss_in + loss_out
+        logs: dict[str, float] = {}
+        if self.config.supervised_weight > 0:
+            loss_sup = seg_loss(self.model(x_l), y_l, torch.ones_like(mask), **opts)
+            loss = loss + self.config.supervised_weight * loss_sup
+            logs["loss_sup"] = float(loss_sup.detach())
         fg = 0.5 * ((plab_a > 0).float().mean() + (plab_b > 0).float().mean())
-        logs = {
+        logs |= {
             "loss": float(loss.detach()),
             "loss_in": float(loss_in.detach()),
             "loss_out": float(loss_out.detach()),
