@@ -104,7 +104,6 @@ def worker(policy: str, steps: int, budget: float) -> dict:
 
 
 def machine() -> dict:
-
     from medda.runtime import machine_description, usable_cpus
 
     return {**machine_description(), "usable_cpus": usable_cpus(), "load_average_1min_at_start": os.getloadavg()[0]}

@@ -43,7 +43,6 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12, help="phantom cases (site A)")
     args = parser.parse_args()
 
-
     from medda.config import load_config
     from medda.data.phantoms import write_phantom_dataset
     from medda.models.factory import build_model, save_checkpoint

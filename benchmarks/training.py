@@ -232,7 +232,6 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.unlabeled_limit, args.threads)))
         return
 
-
     from medda.runtime import machine_description
 
     with tempfile.TemporaryDirectory() as scratch:
