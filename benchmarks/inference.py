@@ -258,12 +258,6 @@ def quick_inputs(tmp: Path) -> tuple[Path, Path, Path, str]:
     return checkpoint, card_path, tmp / "phantoms" / "A" / "datalist.json", "test"
 
 
-def machine() -> dict:
-    from medda.runtime import machine_description
-
-    return machine_description()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="medda checkpoint (.pt)")
@@ -289,6 +283,8 @@ def main() -> None:
     if args.rss_worker:
         print(json.dumps(rss_worker(*json.loads(args.rss_worker))))
         return
+    from medda.runtime import machine_description
+
     if args.sweep:
         with tempfile.TemporaryDirectory() as tmp:
             if args.quick:
@@ -297,7 +293,7 @@ def main() -> None:
                 parser.error("--sweep needs --checkpoint, --card and --images (or --quick)")
             r = sweep(args.checkpoint, args.card, args.images, args.split, args.exclude_split, args.limit,
                       args.threads, args.device, args.overlaps, args.batches)
-        result = {"machine": machine(), "checkpoint": str(args.checkpoint), "images": str(args.images),
+        result = {"machine": machine_description(), "checkpoint": str(args.checkpoint), "images": str(args.images),
                   "split": args.split, "exclude_split": args.exclude_split, "sweep": r}
         if not args.quick:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,7 +314,7 @@ def main() -> None:
         if not (args.checkpoint and args.card):
             parser.error("--rss-only needs --checkpoint and --card")
         r = peak_rss(args.checkpoint, args.card, tuple(args.rss_shape), args.threads, args.device)
-        print(f"{machine()}\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
+        print(f"{machine_description()}\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
               f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; {r['seconds']:.1f} s)")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,7 +323,7 @@ def main() -> None:
             args.rss_shape = [64, 64, 30]
         elif not (args.checkpoint and args.card and args.images):
             parser.error("--checkpoint, --card and --images are required (or --quick)")
-        result = {"machine": machine(), "checkpoint": str(args.checkpoint), "images": str(args.images),
+        result = {"machine": machine_description(), "checkpoint": str(args.checkpoint), "images": str(args.images),
                   "comparison": compare(args.checkpoint, args.card, args.images, args.split, args.limit, args.threads,
                                         args.device),
                   "peak_rss": None if args.skip_rss else peak_rss(args.checkpoint, args.card, tuple(args.rss_shape),

@@ -517,7 +517,7 @@ def main() -> int:
         "command": "MEDDA_DATA_ROOT=... python "
         + " ".join(["benchmarks/run_adaptation_benchmark.py", *sys.argv[1:]]),
         "hardware": {**machine_description(), "threads": torch.get_num_threads()},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": {"python": platform.python_version()},  # torch's: in "hardware"
         "git": git_info(),
         "budgets": vars(args),
     }

@@ -79,7 +79,6 @@ def _label(r: dict) -> str:
 
 def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
         option: tuple[str, ...] = ()) -> dict:
-
     from medda import api
     from medda.runtime import machine_description
 

@@ -81,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="result file (default: results/step_time.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = [("float32", None, False), ("float32 + channels-last", None, True)]
@@ -94,8 +95,8 @@ def main() -> None:
             results["cases"].setdefault(name, {})[label] = r
             lines.append(f"| {name} | {label} | {r['train_step_s']:.3f} | {r['inference_s']:.3f} |")
             print(lines[-1], flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
 
 
