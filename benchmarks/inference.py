@@ -9,9 +9,12 @@ Both run the same checkpoint on the same preprocessed volumes (medda's inference
 - `medda, MONAI windows`: the same `Predictor`, but with MONAI's window settings and no flip TTA. Its agreement
   with `MONAI defaults` isolates the numerical change (bf16, memory layout).
 
-For each variant the table gives the time over all cases (after one warm-up case), the speed-up over MONAI defaults,
-and the agreement with MONAI's label maps: the Dice per foreground class between the two argmax maps in
-preprocessed space, averaged over classes and cases. Peak RSS: a fresh process runs medda's whole predict path
+For each variant the table gives the time over all cases (after one warm-up case), the part of it spent inside the
+network (each window batch's forward pass, with medda's layout change and output cast; the rest is the sliding
+window itself: padding, blending, stitching, then softmax and the label map: `torch.argmax` for MONAI, medda's
+`to_label` for medda), the speed-up over MONAI defaults, and the agreement with MONAI's label maps: the Dice per
+foreground class between the two label maps in preprocessed space, averaged over classes and cases. Below it, the
+label map alone, `torch.argmax` against `to_label` on medda's probabilities of every case. Peak RSS: a fresh process runs medda's whole predict path
 (reading, preprocessing, windows, inversion to the original grid, argmax) on a synthetic volume. It reports
 `resource.getrusage` maximum resident size.
 
@@ -28,6 +31,7 @@ Writes --out (default benchmarks/results/inference.json; nothing with --quick) a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -115,33 +119,64 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
     import numpy as np
     import torch
 
-    from medda.inference import Predictor
+    from medda.inference import Predictor, to_label
 
     cfg, runtime, medda_default, data_cfg, card, prepared = _setup(checkpoint, card_path, images, split, None, limit,
                                                                    threads, device, with_labels=False)
     medda_monai_windows = Predictor.on(runtime, medda_default.model, data_cfg,
                                        cfg.inference.model_copy(update=MONAI_WINDOWS), cfg.train.channels_last)
     monai_inferer = _monai_defaults(medda_default)
-    model = medda_default.model
+    # MONAI's side gets the model as a user loads it (default memory layout); the predictor converted its own
+    model = copy.deepcopy(medda_default.model).to(memory_format=torch.contiguous_format)
+
+    network_seconds: dict[str, float] = {}
+
+    def clocked(name: str, network):
+        """`network`, adding the time spent inside it (layout change and autocast included) to `name`'s total."""
+        def call(x):
+            start = time.perf_counter()
+            out = network(x)
+            network_seconds[name] = network_seconds.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return call
+
+    monai_network = clocked("MONAI defaults", model)
 
     @torch.no_grad()
-    def monai_probabilities(image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(monai_inferer(image.to(runtime.device), model), dim=1)
+    def monai_label(image: torch.Tensor) -> torch.Tensor:
+        return torch.argmax(torch.softmax(monai_inferer(image.to(runtime.device), monai_network), dim=1), dim=1)[0]
 
-    variants = {"MONAI defaults": monai_probabilities, "medda defaults": medda_default.probabilities,
-                "medda, MONAI windows": medda_monai_windows.probabilities}
+    last_probabilities = {}
+
+    def medda_label(name: str, predictor: Predictor):
+        def label(image: torch.Tensor) -> torch.Tensor:
+            last_probabilities[name] = predictor.probabilities(image)  # a reference, for the label-map timing
+            return to_label(last_probabilities[name])[0, 0]
+        return label
+
+    variants = {"MONAI defaults": monai_label, "medda defaults": medda_label("medda defaults", medda_default),
+                "medda, MONAI windows": medda_label("medda, MONAI windows", medda_monai_windows)}
+    for name, predictor in (("medda defaults", medda_default), ("medda, MONAI windows", medda_monai_windows)):
+        predictor._network = clocked(name, predictor._network)  # the inferer looks the method up on the instance
     seconds = dict.fromkeys(variants, 0.0)
+    label_seconds: dict[str, float] = {}
     agreement: dict[str, list[float]] = {name: [] for name in variants}
     for index, (image, _) in enumerate(prepared):
         labels = {}
-        for name, probabilities in variants.items():
+        for name, label_map in variants.items():
             if index == 0:
-                probabilities(image)  # warm-up: allocations, oneDNN kernel selection
+                label_map(image)  # warm-up: allocations, oneDNN kernel selection
+                network_seconds[name] = 0.0
             start = time.perf_counter()
-            labels[name] = probabilities(image).argmax(dim=1)[0].cpu()
+            labels[name] = label_map(image).cpu()
             seconds[name] += time.perf_counter() - start
         for name, label in labels.items():
             agreement[name].append(_agreement(label, labels["MONAI defaults"], card.num_classes))
+        probs = last_probabilities["medda defaults"]  # the label map alone, both ways (same result)
+        for name, label_map in (("torch.argmax", lambda p: torch.argmax(p, dim=1)), ("to_label", to_label)):
+            start = time.perf_counter()
+            label_map(probs)
+            label_seconds[name] = label_seconds.get(name, 0.0) + time.perf_counter() - start
     shapes = [list(image.shape[2:]) for image, _ in prepared]
     return {
         "cases": len(prepared), "threads": torch.get_num_threads(), "amp": str(runtime.amp),
@@ -151,7 +186,9 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
         "window_count": {"medda defaults": sum(_window_count(s, medda_default) for s in shapes),
                          "MONAI windows": sum(_window_count(s, medda_monai_windows) for s in shapes)},
         "variants": {name: {"seconds": seconds[name], "speedup_over_monai": seconds["MONAI defaults"] / seconds[name],
+                            "network_seconds": network_seconds[name],
                             "agreement_dice": float(np.mean(agreement[name]))} for name in variants},
+        "label_map_seconds": label_seconds,
     }
 
 
@@ -164,11 +201,11 @@ def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, ex
     import numpy as np
     import torch
 
-    from medda.inference import Predictor
+    from medda.inference import Predictor, to_label
 
     cfg, runtime, default, data_cfg, card, prepared = _setup(checkpoint, card_path, images, split, exclude_split,
                                                              limit, threads, device, with_labels=True)
-    reference = [default.probabilities(image).argmax(dim=1)[0] for image, _ in prepared]
+    reference = [to_label(default.probabilities(image))[0, 0] for image, _ in prepared]
     rows = []
     for overlap in overlaps:
         for batch in batches:
@@ -178,7 +215,7 @@ def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, ex
             seconds, agreement, dice = 0.0, [], []
             for (image, truth), ref in zip(prepared, reference, strict=True):
                 start = time.perf_counter()
-                label = predictor.probabilities(image).argmax(dim=1)[0]
+                label = to_label(predictor.probabilities(image))[0, 0]
                 seconds += time.perf_counter() - start
                 agreement.append(_agreement(label, ref, card.num_classes))
                 if truth is not None:
@@ -336,10 +373,14 @@ def main() -> None:
     print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, AMX {m['amx']}, GPU {m['gpu']}, torch {m['torch']}; "
           f"{c['cases']} cases, {c['threads']} threads, medda autocast {c['amp']}; preprocessed shapes "
           f"{c['preprocessed_shapes']}; windows {c['window_count']}\n")
-    print("| variant | seconds | speed-up over MONAI defaults | agreement with MONAI defaults (Dice) |")
-    print("|---|---|---|---|")
+    print("| variant | seconds | of which in the network | speed-up over MONAI defaults | "
+          "agreement with MONAI defaults (Dice) |")
+    print("|---|---|---|---|---|")
     for name, v in c["variants"].items():
-        print(f"| {name} | {v['seconds']:.2f} | {v['speedup_over_monai']:.2f}x | {v['agreement_dice']:.4f} |")
+        print(f"| {name} | {v['seconds']:.2f} | {v['network_seconds']:.2f} | {v['speedup_over_monai']:.2f}x | "
+              f"{v['agreement_dice']:.4f} |")
+    print(f"\nthe label map of medda's probabilities alone, all cases: torch.argmax "
+          f"{c['label_map_seconds']['torch.argmax']:.2f} s, medda's to_label {c['label_map_seconds']['to_label']:.2f} s")
     if r:
         print(f"\npeak RSS of medda's predict path on a {' x '.join(map(str, r['shape']))} volume: "
               f"{r['peak_rss_gib']:.2f} GiB ({r['rss_before_predict_gib']:.2f} GiB before predicting; "

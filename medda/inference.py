@@ -56,6 +56,8 @@ class Predictor:
         else:
             self.inferer = SlidingWindowInferer(**common)
         self.spatial_dims = 2 if self.data.mode == "2d" else 3
+        if self.channels_last:  # the weights too: otherwise every convolution reorders them for each window
+            self.model.to(memory_format=memory_format(self.spatial_dims))
 
     @classmethod
     def on(cls, runtime: Runtime, model: nn.Module, data: DataConfig, config: InferenceConfig,
@@ -67,22 +69,25 @@ class Predictor:
         x = x.to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=memory_format(self.spatial_dims))
-        with autocast(self.device, self.amp):
-            return self.model(x).float()
+        return self.model(x).float()
 
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (1, K, *spatial) for one preprocessed volume (1, C, *spatial)."""
         image = torch.as_tensor(image).float()  # plain tensor: window slicing of MetaTensors is slow
-        probs = _softmax_(self.inferer(image, self._network))
-        if self.config.tta_flips:
-            axes = [2, 3] if self.data.mode == "2d" else [2, 3, 4]
-            if self.data.mode == "2d":
-                axes = [a for a in (2, 3, 4) if a != self.data.slice_axis + 2]
-            for axis in axes:
-                flipped = self.inferer(torch.flip(image, dims=[axis]), self._network)
-                probs += torch.flip(torch.softmax(flipped, dim=1), dims=[axis])
-            probs /= 1 + len(axes)
+        # One autocast context for the whole volume: autocast caches its low-precision copies of the weights until
+        # the context exits, so they are cast once per volume rather than once per window. Only the network's
+        # operations are autocast; MONAI's blending (multiplications and sums) runs in float32 either way.
+        with autocast(self.device, self.amp):
+            probs = _softmax_(self.inferer(image, self._network))
+            if self.config.tta_flips:
+                axes = [2, 3] if self.data.mode == "2d" else [2, 3, 4]
+                if self.data.mode == "2d":
+                    axes = [a for a in (2, 3, 4) if a != self.data.slice_axis + 2]
+                for axis in axes:
+                    flipped = self.inferer(torch.flip(image, dims=[axis]), self._network)
+                    probs += torch.flip(torch.softmax(flipped, dim=1), dims=[axis])
+                probs /= 1 + len(axes)
         return probs
 
 
@@ -104,7 +109,9 @@ def to_label(probs: torch.Tensor, largest_component: bool = False) -> torch.Tens
 
     Components are taken over the whole image (3D for a volume, also when it was predicted slice by slice).
     """
-    label = probs.argmax(dim=1, keepdim=True)
+    # max().indices is argmax (the first maximum on ties) and about 9x faster on a CPU over a class dimension that is
+    # not the innermost one, as it is not here (BENCHMARKS.md, "Inference speed")
+    label = probs.max(dim=1, keepdim=True).indices
     if largest_component:
         label = components.largest_component(label, spatial_dims=probs.ndim - 2)
     return label

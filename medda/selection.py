@@ -37,7 +37,7 @@ from medda.config import DataConfig, SelectionConfig
 from medda.data.loading import Data, tiles, unlabeled
 from medda.data.transforms import inference_chain
 from medda.engine.loop import LoopResult, Validation
-from medda.inference import Predictor
+from medda.inference import Predictor, to_label
 from medda.methods.base import batchnorm_layers
 from medda.methods.losses import entropy, kl_divergence
 
@@ -135,7 +135,7 @@ def dice_validator(predictor_for: PredictorFactory, data: Data, val_cases: list[
         predictor = predictor_for(model)
         scores = []
         for item in dataset:
-            pred = predictor.probabilities(item["image"][None]).argmax(1)[0].numpy()
+            pred = to_label(predictor.probabilities(item["image"][None]))[0, 0].numpy()
             scores.append(metrics.dice_scores(pred, item["label"][0].numpy().round().astype(np.int16), class_ids))
         per_class = np.nanmean(np.array(scores), axis=0)
         logs = {f"val/dice/{data.card.class_names[c]}": float(d) for c, d in zip(class_ids, per_class, strict=True)}

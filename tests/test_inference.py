@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from medda.data.cards import DataCard
 from medda.data.transforms import inference_chain
 from medda.inference import Predictor, default_sw_batch_size, predict_cases, to_label, write_prediction
 from medda.models.factory import build_model
+from medda.runtime import memory_format
 
 CPU = torch.device("cpu")
 CARD = DataCard.model_validate(toy_card_fields([1.2, 0.8, 2.5], ["bright"]))
@@ -91,6 +93,37 @@ def test_slice_inference_equals_per_slice_forward_2d(slice_axis):
 
 
 @pytest.mark.parametrize("mode", ["3d", "2d"])
+def test_bf16_volume_is_cast_once_and_matches_window_by_window_autocast(mode):
+    """The predictor holds one autocast context per volume (the weights are cast to bf16 once, not per window) and
+    puts the weights in the inference layout: neither changes a single probability against autocasting each window
+    of a contiguous-weight copy, and the weights keep their values."""
+    spatial_dims = 3 if mode == "3d" else 2
+    net = eval_net(spatial_dims)
+    reference_net = copy.deepcopy(net)
+    patch = [16, 16, 8] if mode == "3d" else [16, 16]
+    x = torch.randn(1, 1, 24, 20, 10, generator=torch.Generator().manual_seed(4))
+    data = DataConfig(card=Path("c.yaml"), mode=mode, patch_size=patch)
+    window = InferenceConfig(overlap=0.25, tta_flips=True)
+    fast = Predictor(net, data, window, CPU, amp=torch.bfloat16, channels_last=True)
+    weight = next(w for w in net.parameters() if w.ndim == spatial_dims + 2)
+    assert weight.is_contiguous(memory_format=memory_format(spatial_dims))
+    for before, after in zip(reference_net.parameters(), net.parameters(), strict=True):
+        assert torch.equal(before, after)
+
+    def per_window(batch: torch.Tensor) -> torch.Tensor:  # the earlier path: autocast entered for every window
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return reference_net(batch.contiguous(memory_format=memory_format(spatial_dims))).float()
+
+    with torch.no_grad():
+        expected = torch.softmax(fast.inferer(x, per_window), dim=1)
+        for axis in [a for a in (2, 3, 4) if mode == "3d" or a != data.slice_axis + 2]:
+            flipped = fast.inferer(torch.flip(x, dims=[axis]), per_window)
+            expected += torch.flip(torch.softmax(flipped, dim=1), dims=[axis])
+        expected /= 4 if mode == "3d" else 3
+    torch.testing.assert_close(fast.probabilities(x), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["3d", "2d"])
 def test_flip_tta_shape_and_normalisation(mode):
     net = eval_net(3 if mode == "3d" else 2, num_classes=4)
     x = torch.randn(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(3))
@@ -101,6 +134,19 @@ def test_flip_tta_shape_and_normalisation(mode):
     torch.testing.assert_close(tta.sum(dim=1), torch.ones(1, 16, 16, 8), atol=1e-5, rtol=0)
     assert (tta >= 0).all() and not torch.allclose(tta, plain, atol=1e-4)
     assert to_label(tta).shape == (1, 1, 16, 16, 8)
+
+
+def test_to_label_is_argmax_with_its_tie_rule_on_a_cropped_output():
+    """The label map is torch.argmax's (the lowest class among equal maxima), also on a cropped, non-contiguous
+    volume like the one the sliding window returns."""
+    padded = torch.rand(1, 4, 12, 10, 6, generator=torch.Generator().manual_seed(5))
+    padded[:, :, :3] = 0.25  # four-way ties: class 0
+    padded[:, 2, 3:6] = padded[:, 1, 3:6] = 2.0  # two-way ties between classes 1 and 2: class 1
+    probs = padded[:, :, :, :8]
+    assert not probs.is_contiguous()
+    label = to_label(probs)
+    assert torch.equal(label, torch.argmax(probs, dim=1, keepdim=True))
+    assert (label[0, 0, :3] == 0).all() and (label[0, 0, 3:6] == 1).all()
 
 
 def test_to_label_largest_component_removes_3d_islands_per_class():
