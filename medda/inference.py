@@ -47,7 +47,7 @@ class Predictor:
         roi = self.config.roi_size or list(self.data.patch_size)
         window_device = torch.device(self.config.sw_device or self.device)
         common = dict(
-            roi_size=roi, sw_batch_size=self.config.sw_batch_size or default_sw_batch_size(window_device),
+            roi_size=roi, sw_batch_size=self.config.sw_batch_size or default_sw_batch_size(window_device, self.data.mode),
             overlap=self.config.overlap, mode=self.config.blend, sw_device=window_device,
             device=self.config.out_device or self.device,
         )
@@ -91,11 +91,16 @@ class Predictor:
         return probs
 
 
-def default_sw_batch_size(device: torch.device) -> int:
-    """Windows per forward pass when the config leaves it open: one on a CPU, where batching windows measured
-    slower in 3D and equal in 2D (BENCHMARKS.md, "Inference window settings"); four on a GPU, which needs batches
-    to fill its cores (not measured here)."""
-    return 1 if device.type == "cpu" else 4
+def default_sw_batch_size(device: torch.device, mode: str) -> int:
+    """Windows per forward pass when the config leaves it open (BENCHMARKS.md, "Inference window settings").
+
+    On a CPU: one 3D window per forward (batching them measured 1.1-1.3x slower: one window's activations already
+    exceed the caches) but four 2D slices (1.2x faster in bf16 on a CPU with AMX tiles, equal on the others
+    measured). On a GPU four, which it needs to fill its cores (not measured here).
+    """
+    if device.type == "cpu" and mode == "3d":
+        return 1
+    return 4
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -56,13 +56,14 @@ def test_sliding_window_equals_full_forward_3d():
     assert tiled.shape == got.shape and not torch.allclose(tiled, got, atol=1e-3)
 
 
-def test_windows_per_forward_default_to_one_on_a_cpu_and_follow_the_config():
-    """The measured rule (one window per forward on a CPU), never overriding a configured value; batching windows
-    changes the time, not the answer."""
+def test_windows_per_forward_follow_the_measured_rule_and_the_config():
+    """The measured rule (one 3D window but four 2D slices per forward on a CPU, four on a GPU), never overriding a
+    configured value; batching windows changes the time, not the answer."""
     net = eval_net(3)
     automatic = predictor(net, "3d", [16, 16, 8])
     assert automatic.inferer.sw_batch_size == 1
-    assert default_sw_batch_size(torch.device("cuda")) == 4
+    assert predictor(eval_net(2), "2d", [16, 16]).inferer.sw_batch_size == 4
+    assert default_sw_batch_size(torch.device("cuda"), "3d") == 4
     batched = predictor(net, "3d", [16, 16, 8], sw_batch_size=3)
     assert batched.inferer.sw_batch_size == 3
     x = torch.randn(1, 1, 32, 24, 16, generator=torch.Generator().manual_seed(3))
