@@ -94,9 +94,9 @@ class Predictor:
 def default_sw_batch_size(device: torch.device, mode: str) -> int:
     """Windows per forward pass when the config leaves it open (BENCHMARKS.md, "Inference window settings").
 
-    On a CPU: one 3D window per forward (batching them measured 1.1-1.3x slower: one window's activations already
-    exceed the caches) but four 2D slices (1.2x faster in bf16 on a CPU with AMX tiles, equal on the others
-    measured). On a GPU four, which it needs to fill its cores (not measured here).
+    On a CPU: one 3D window per forward (batching them measured up to 1.3x slower) but four 2D slices (1.2x faster
+    in bf16 on a CPU with AMX tiles, equal on an AVX-512 one). On a GPU four, which it needs to fill its cores (not
+    measured here).
     """
     if device.type == "cpu" and mode == "3d":
         return 1
