@@ -46,8 +46,9 @@ class Predictor:
     def __post_init__(self) -> None:
         roi = self.config.roi_size or list(self.data.patch_size)
         window_device = torch.device(self.config.sw_device or self.device)
+        windows_per_forward = self.config.sw_batch_size or default_sw_batch_size(window_device, self.data.mode)
         common = dict(
-            roi_size=roi, sw_batch_size=self.config.sw_batch_size or default_sw_batch_size(window_device, self.data.mode),
+            roi_size=roi, sw_batch_size=windows_per_forward,
             overlap=self.config.overlap, mode=self.config.blend, sw_device=window_device,
             device=self.config.out_device or self.device,
         )
