@@ -15,7 +15,7 @@ Ablations: `--tag NAME` with `--option KEY=VALUE` (method options, e.g. `ema_dec
 `--override KEY=VALUE` (config overrides, e.g. `train.unlabeled_batch_size=4`) trains a variant under its own name
 (`..._NAME`); `--table` lists each variant against the untagged run of the same method, budget and seed, and the
 gain lines pair BCP runs with the untagged supervised twin of the same seed (tagged variants once they have two
-seeds).
+seeds); a variant with `--override`s is paired with the supervised runs trained with the same overrides.
 
 Untagged BCP runs are the paper's recipe: the script sets `method.options` to `pretrain_iterations` alone, which
 replaces the config's options. The recipe the config ships (`pretrain_loss: unmixed`, stage 1 on unmixed labelled
@@ -169,9 +169,21 @@ def table() -> str:
         "\n".join(per_class) + "\n\n" + "\n".join(gains()) + ablations()
 
 
+def _twin_key(r: dict) -> tuple:
+    return "supervised", r["labeled_patients"], r["iterations"], r.get("seed", 0), tuple(r.get("overrides", []))
+
+
+def _twins() -> dict[tuple, dict]:
+    """Supervised twins by `_twin_key`: the untagged runs, and the runs of a variant that changes the data or training
+    settings (`--override`), whose BCP runs are compared with the twin trained with the same overrides."""
+    return {_twin_key(r): r for r in _results()
+            if r["method"] == "supervised" and (not r.get("tag") or r.get("overrides"))}
+
+
 def ablations() -> str:
     """Each tagged variant against the untagged run of the same method, labelled patients, budget and seed."""
     base = {_key(r): r for r in _results() if not r.get("tag")}
+    twins = _twins()
     rows = []
     for r in _results():
         ref = base.get(_key(r)) if r.get("tag") else None
@@ -180,7 +192,7 @@ def ablations() -> str:
         dice, ref_dice = (100 * x["eval"]["best_on_val"]["dice/mean"] for x in (r, ref))
         pretrain = [f"--pretrain {r['pretrain_iterations']}"] if r["pretrain_iterations"] != ref["pretrain_iterations"] else []
         change = ", ".join([*pretrain, *r.get("options", []), *r.get("overrides", [])])
-        twin = base.get(("supervised", r["labeled_patients"], r["iterations"], r.get("seed", 0)))
+        twin = twins.get(_twin_key(r))
         vs_twin = f"{dice - 100 * twin['eval']['best_on_val']['dice/mean']:+.1f}" if twin else ""
         rows.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r.get('seed', 0)} | {r['tag']} | "
                     f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {vs_twin} | "
@@ -195,12 +207,13 @@ def ablations() -> str:
 def gains() -> list[str]:
     """BCP's test Dice minus its supervised twin's (same labelled patients, budget and seed; best-on-val
     checkpoints), per seed and their mean, for every budget where both ran: the untagged (reference-recipe) runs,
-    then each tagged BCP variant run with two or more seeds, against the same untagged twins."""
-    twins = {_key(r): r for r in _results() if not r.get("tag") and r["method"] == "supervised"}
+    then each tagged BCP variant run with two or more seeds, against the same untagged twins (or, for a variant with
+    `--override`s, against the supervised runs with the same overrides)."""
+    twins = _twins()
     by_budget: dict[tuple[str, int, int], list[tuple[int, float]]] = {}
     for r in _results():
         _, labeled, iterations, seed = _key(r)
-        twin = twins.get(("supervised", labeled, iterations, seed))
+        twin = twins.get(_twin_key(r))
         if r["method"] == "bcp" and twin:
             gain = 100 * (r["eval"]["best_on_val"]["dice/mean"] - twin["eval"]["best_on_val"]["dice/mean"])
             by_budget.setdefault((r.get("tag") or "", labeled, iterations), []).append((seed, gain))

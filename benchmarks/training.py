@@ -7,9 +7,10 @@ over `--steps` iterations after `--warmup`. Cases (each on its real data, with i
 - `2d-supervised`: configs/acdc_ssl_2d.yaml's supervised twin (2 labelled ACDC volumes x 4 slices of 256 x 256).
 - `2d-bcp`: the same recipe's BCP in its self-training stage (+ 2 unlabelled volumes x 4 slices, EMA teacher).
 - `3d-bcp`: configs/la_ssl_3d.yaml's BCP self-training stage (2 + 2 patches of 112 x 112 x 80, 3D U-Net).
-Columns: `before` and `after` (the recipe's thread setting in each checkout: the 2D recipes pinned one thread
-before), `after, 1 thread` (the code's own gain at equal threads) and `after, busy neighbour` (next to one
-CPU-bound process, `python -c "while True: pass"`).
+Columns: `before` and `after` (the recipe's thread and compile settings in each checkout: the 2D recipes pinned one
+thread before), `after, eager` (without the recipe's `train.compile`; steps are timed after the warm-up, so the
+one-off compile time is not in them: `--dice` has it in its training wall time), `after, 1 thread` (the code's own
+gain at equal threads) and `after, busy neighbour` (next to one CPU-bound process, `python -c "while True: pass"`).
 Unlabelled sets are cut to `--unlabeled-limit` cases (caching all 67 or 36 would only add set-up time).
 
 Usage: MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/training.py [--before bd8a086] [--steps 20]
@@ -45,7 +46,7 @@ CASES = {
 }
 
 
-def worker(case: str, steps: int, warmup: int, unlabeled_limit: int, threads: int | None) -> dict:
+def worker(case: str, steps: int, warmup: int, unlabeled_limit: int, threads: int | None, eager: bool) -> dict:
     """Run `case` in this process (imports whichever medda is first on sys.path) and time its iterations."""
     import torch
 
@@ -60,6 +61,7 @@ def worker(case: str, steps: int, warmup: int, unlabeled_limit: int, threads: in
         *overrides, f"train.iterations={first + steps + 1}", "train.val_every=1000000", "tracking.enabled=false",
         f"output_dir={tempfile.mkdtemp(prefix='medda-training-bench-')}", f"data.unlabeled.limit={unlabeled_limit}",
         "data.val=null", "train.select_by=last", *([f"train.threads={threads}"] if threads else []),
+        *(["train.compile=false"] if eager else []),
     ])
     stamps: list[float] = []
     original = loop._Optimisation.step
@@ -164,8 +166,10 @@ def dice_worker(iterations: int) -> dict:
             "medda_from": str(Path(api.__file__).parents[1])}
 
 
-def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: bool = False) -> dict:
-    """`case` in a fresh interpreter importing medda from `tree`; `neighbour`: next to a busy CPU-bound process."""
+def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: bool = False,
+           eager: bool = False) -> dict:
+    """`case` in a fresh interpreter importing medda from `tree`; `neighbour`: next to a busy CPU-bound process;
+    `eager`: without the recipe's `train.compile`."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "training.py"), "--worker", case, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--unlabeled-limit", str(args.unlabeled_limit)]
@@ -179,6 +183,8 @@ def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: b
                "--unlabeled-limit", str(args.unlabeled_limit)]
     if threads and case != "losses":
         cmd += ["--threads", str(threads)]
+    if eager:
+        cmd += ["--eager"]
     with busy_neighbour() if neighbour else contextlib.nullcontext():
         out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -186,12 +192,13 @@ def run_in(tree: Path, case: str, args, threads: int | None = None, neighbour: b
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# column -> (checkout, threads: None = the recipe's own setting, busy neighbour)
+# column -> (checkout, threads: None = the recipe's own setting, busy neighbour, train.compile off)
 SIDES = {
-    "before": ("before", None, False),
-    "after": ("after", None, False),
-    "after, 1 thread": ("after", 1, False),
-    "after, busy neighbour": ("after", None, True),
+    "before": ("before", None, False, False),
+    "after": ("after", None, False, False),
+    "after, eager": ("after", None, False, True),
+    "after, 1 thread": ("after", 1, False, False),
+    "after, busy neighbour": ("after", None, True, False),
 }
 
 
@@ -204,10 +211,11 @@ def main() -> None:
     parser.add_argument("--unlabeled-limit", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="alternate before/after this many times; best kept")
     parser.add_argument("--out", type=Path, default=RESULTS,
-                        help="step-time result file (default benchmarks/results/training.json; another machine's "
-                             "run goes to its own file)")
+                        help="result file (default benchmarks/results/training.json, with --dice training_dice.json; "
+                             "another machine's run goes to its own file)")
     parser.add_argument("--worker", choices=list(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dice", type=int, metavar="ITERATIONS",
                         help="instead of step times: train the 7-labelled ACDC supervised recipe for ITERATIONS in "
                              "both checkouts, one after the other, and compare test Dice and training wall time")
@@ -229,7 +237,7 @@ def main() -> None:
         print(json.dumps(dice_worker(args.dice_worker)))
         return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.unlabeled_limit, args.threads)))
+        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.unlabeled_limit, args.threads, args.eager)))
         return
 
     from medda.runtime import machine_description
@@ -262,7 +270,7 @@ def main() -> None:
                 return
             if args.dice:
                 dice = {side: run_in(tree, "dice", args) for side, tree in trees.items()}
-                path = RESULTS.with_name("training_dice.json")
+                path = RESULTS.with_name("training_dice.json") if args.out == RESULTS else args.out
                 path.write_text(json.dumps({"before": args.before, "iterations": args.dice, **dice}, indent=2) + "\n",
                                 encoding="utf-8")
                 print(json.dumps(dice, indent=2))
@@ -271,8 +279,8 @@ def main() -> None:
             for case in args.cases:
                 runs: dict[str, list[dict]] = {side: [] for side in SIDES}
                 for _ in range(args.rounds):  # alternate, so that a noisy minute hits every side
-                    for side, (tree, threads, neighbour) in SIDES.items():
-                        runs[side].append(run_in(trees[tree], case, args, threads, neighbour))
+                    for side, (tree, threads, neighbour, eager) in SIDES.items():
+                        runs[side].append(run_in(trees[tree], case, args, threads, neighbour, eager))
                 best = {side: min(r["step_s"] for r in rs) for side, rs in runs.items()}
                 rows[case] = {**best, "threads": {side: rs[0]["threads"] for side, rs in runs.items()},
                               "speed-up": round(best["before"] / best["after"], 2), "runs": runs}

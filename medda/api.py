@@ -431,6 +431,9 @@ def adapt(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
 def _adapt(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> AdaptResult:
     main = distributed.is_main()
     cls = _adaptation_method(cfg.method.name)
+    if cfg.train.compile:  # OSUDA and AdaBN change batch-norm settings between steps: a recompilation each time
+        raise MeddaError("config: field 'train.compile' is true, but `medda adapt` runs eagerly (adaptation methods "
+                         "change the network's normalisation between steps); expected false")
     if cfg.source_checkpoint is None:
         raise MeddaError("config: field 'source_checkpoint' is required for adaptation")
     model, meta = _load_source(cfg.source_checkpoint)

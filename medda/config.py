@@ -106,6 +106,9 @@ class TrainConfig(Strict):
         "auto", description="auto: bf16 autocast on CPUs with bf16 units and on CUDA; off: float32."
     )
     channels_last: bool = Field(True, description="channels_last(_3d) memory layout (faster convolutions on CPU).")
+    compile: bool = Field(
+        False, description="Train through torch.compile (training methods; pays after its one-off compile time, BENCHMARKS.md)."
+    )
     seed: int = Field(0, description="Seed of data sampling, augmentation, initialisation and method draws.")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
     threads: int | None = Field(

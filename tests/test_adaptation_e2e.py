@@ -126,6 +126,13 @@ def test_adapt_refuses_methods_that_are_not_adaptation(method, phantoms, source_
     assert not (tmp_path / "out").exists()
 
 
+def test_adapt_refuses_torch_compile(phantoms, source_checkpoint, tmp_path):
+    cfg = _adapt_cfg(phantoms, source_checkpoint, tmp_path / "out", "tent", ["train.compile=true"])
+    with pytest.raises(MeddaError, match="'train.compile' is true.*expected false"):
+        api.adapt(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_source_checkpoint_carries_its_training_geometry_prior(source_checkpoint):
     meta = read_checkpoint(source_checkpoint)["meta"]
     prior = meta["class_prior"]

@@ -531,3 +531,59 @@ def test_loop_puts_the_teacher_in_the_batches_memory_format(method):
         for k, v in learner.teacher.state_dict().items():
             if v.is_floating_point() and "running" not in k:
                 assert torch.allclose(v, teacher_before[k], atol=1e-6)
+
+
+def test_loop_trains_the_same_network_through_torch_compile():
+    """`train.compile` runs the training steps through torch.compile: the same updates as eager steps (to float
+    tolerance), the teacher copied from the network itself, and `method.model` the plain network outside a step."""
+    import itertools
+
+    from medda.config import OptimConfig, TrainConfig
+    from medda.engine.loop import run_loop
+
+    def trained(compiled: bool) -> BCP:
+        learner = BCP(tiny_unet(2), BCPConfig(pretrain_iterations=2), ctx(2, (8, 8), total=4))
+        b = batch((8, 8))
+        streams = {name: itertools.repeat(b[name]) for name in ("labeled", "unlabeled")}
+        train = TrainConfig(iterations=4, val_every=100, channels_last=False, amp="off", compile=compiled)
+        run_loop(learner, streams, train, OptimConfig(name="sgd", lr=0.05), torch.device("cpu"), None,
+                 lambda tag, it: None)
+        return learner
+
+    torch._dynamo.reset()
+    eager, compiled = trained(False), trained(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled
+    assert type(compiled.model) is UNet and set(compiled.teacher.state_dict()) == set(eager.teacher.state_dict())
+    start = tiny_unet(2).state_dict()
+    for key, value in eager.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(compiled.model.state_dict()[key], value, atol=1e-5), key
+            assert torch.allclose(compiled.teacher.state_dict()[key], eager.teacher.state_dict()[key], atol=1e-5)
+    assert not torch.equal(eager.model.state_dict()["model.0.conv.weight"], start["model.0.conv.weight"])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_optimizer_is_fused_and_updates_as_the_reference(name):
+    """Adam(W) runs torch's fused kernel, whose updates equal the per-tensor reference implementation's (on a
+    network without batch norm: a bias followed by BN has noise-level gradients that Adam turns into full steps)."""
+    from medda.config import OptimConfig
+    from medda.engine.loop import build_optimizer
+
+    def network() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+
+    fused_net, reference_net = network(), network()
+    fused = build_optimizer(list(fused_net.parameters()), OptimConfig(name=name, lr=0.01, weight_decay=0.1))
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    reference = cls(reference_net.parameters(), lr=0.01, weight_decay=0.1, foreach=False)
+    assert fused.param_groups[0]["fused"]
+    x = batch((8, 8))["labeled"]["image"]
+    for _ in range(3):
+        for net, opt in ((fused_net, fused), (reference_net, reference)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (key, a), b in zip(fused_net.state_dict().items(), reference_net.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), key
+    assert not torch.equal(fused_net[0].weight, network()[0].weight)

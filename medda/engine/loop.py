@@ -56,7 +56,9 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # torch's fused kernel: the same update in one pass over every parameter (BENCHMARKS.md, "Training steps")
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(it: int, total: int, cfg: OptimConfig) -> float:
@@ -238,6 +240,7 @@ def run_loop(
         if previous["complete"]:
             return _result(first, selection, Path(previous["last_path"]), before)
     ddp = _data_parallel(method, optimisation, device)
+    step_network = _step_network(method, ddp, train.compile)
     main = distributed.is_main()
 
     def snapshot(done: int, last_path: Path | None = None) -> None:
@@ -263,7 +266,7 @@ def run_loop(
                 method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
             batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
-            with autocast(device, amp), _training_view(method, ddp), distributed.synced_batch_statistics():
+            with autocast(device, amp), _training_view(method, step_network), distributed.synced_batch_statistics():
                 result = method.step(batch, it)
             optimisation.step(result.loss, it)
             method.after_step(it)
@@ -311,18 +314,28 @@ def _data_parallel(method: Method, optimisation: _Optimisation, device: torch.de
     return DistributedDataParallel(method.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _step_network(method: Method, ddp, compiled: bool) -> nn.Module | None:
+    """What `method.step` calls as its model: the DDP wrapper under torchrun, compiled with `train.compile`; None for
+    the plain network."""
+    if not compiled:
+        return ddp
+    # Validation, checkpoints and the teacher keep the plain network: only training steps run compiled.
+    return torch.compile(ddp if ddp is not None else method.model)
+
+
 @contextlib.contextmanager
-def _training_view(method: Method, ddp) -> Iterator[None]:
-    """`method.model` is the DDP wrapper during `step` (its forward prepares the gradient all-reduce of the backward
-    pass that follows) and the plain network everywhere else (validation, checkpoints, resume states)."""
-    if ddp is None:
+def _training_view(method: Method, step_network: nn.Module | None) -> Iterator[None]:
+    """`method.model` is `step_network` during `step` (the DDP wrapper's forward prepares the gradient all-reduce of
+    the backward pass that follows; a compiled one runs the same network) and the plain network everywhere else
+    (validation, checkpoints, resume states)."""
+    if step_network is None:
         yield
         return
-    method.model = ddp
+    plain, method.model = method.model, step_network
     try:
         yield
     finally:
-        method.model = ddp.module
+        method.model = plain
 
 
 def _result(iterations: int, selection: _Selection, last_path: Path, seconds: float) -> LoopResult:

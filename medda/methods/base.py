@@ -140,6 +140,18 @@ class Method(ABC):
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def plain_network(model: nn.Module) -> nn.Module:
+    """The network itself, inside the wrappers the training loop may put around it during a step (DDP under
+    torchrun, torch.compile with `train.compile`): what to copy weights from."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """All batch-norm layers of `model` (1d/2d/3d/sync), in module order."""
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]

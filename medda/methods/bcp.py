@@ -60,7 +60,7 @@ from pydantic import Field
 
 from medda.components import largest_component
 from medda.errors import MeddaError
-from medda.methods.base import Method, MethodConfig, StepResult
+from medda.methods.base import Method, MethodConfig, StepResult, plain_network
 from medda.methods.ema import ema_update, make_teacher
 from medda.methods.losses import as_label
 
@@ -341,8 +341,7 @@ class BCP(Method):
         self._teacher_ready = True
 
     def _start_teacher(self) -> None:
-        student = getattr(self.model, "module", self.model)  # during a step under torchrun: the DDP wrapper's network
-        self.teacher.load_state_dict(student.state_dict())
+        self.teacher.load_state_dict(plain_network(self.model).state_dict())
         self._teacher_ready = True
 
     # -- helpers ------------------------------------------------------------------------------------------
