@@ -192,7 +192,7 @@ def ablations() -> str:
         dice, ref_dice = (100 * x["eval"]["best_on_val"]["dice/mean"] for x in (r, ref))
         pretrain = [f"--pretrain {r['pretrain_iterations']}"] if r["pretrain_iterations"] != ref["pretrain_iterations"] else []
         change = ", ".join([*pretrain, *r.get("options", []), *r.get("overrides", [])])
-        twin = twins.get(_twin_key(r))
+        twin = twins.get(_twin_key(r)) if r["method"] != "supervised" else None  # a supervised variant is its own twin
         vs_twin = f"{dice - 100 * twin['eval']['best_on_val']['dice/mean']:+.1f}" if twin else ""
         rows.append(f"| {r['labeled_patients']} | {r['method']} | {_iterations(r)} | {r.get('seed', 0)} | {r['tag']} | "
                     f"`{change}` | {ref_dice:.1f} | {dice:.1f} | {dice - ref_dice:+.1f} | {vs_twin} | "

@@ -41,7 +41,7 @@ from medda.inference import (
 from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
 from medda.registry import get_method, methods_for
-from medda.runtime import Runtime
+from medda.runtime import Runtime, require_compiler, resolve_device
 from medda.selection import LabelFreeValidator, dice_validator, recommend, snapshot_bn
 from medda.tracking import NullTracker, Tracker, make_tracker
 
@@ -250,6 +250,8 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
 
 def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> TrainResult:
     main = distributed.is_main()
+    if cfg.train.compile:
+        require_compiler(resolve_device(cfg.train.device))
     source_meta: dict | None = None
     if cfg.source_checkpoint is not None:
         cfg, model, source_meta = _from_source(cfg)

@@ -24,6 +24,7 @@ import torch
 from monai.utils import set_determinism
 
 from medda.config import RunConfig
+from medda.errors import MeddaError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
@@ -161,6 +162,23 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def require_compiler(device: torch.device) -> None:
+    """Refuse `train.compile` on a CPU machine without a C++ compiler, before the run writes anything.
+
+    torch.compile's CPU backend builds C++ kernels at the first training step; without g++ (or `$CXX`) it would
+    fail there, after the run's outputs exist. (On a GPU it builds Triton kernels, which torch checks itself.)
+    """
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise MeddaError("config: field 'train.compile' is true, but torch.compile needs a C++ compiler (g++, or the "
+                         "one $CXX names) and this machine has none; expected false, or install g++") from None
 
 
 def memory_format(spatial_dims: int) -> torch.memory_format:

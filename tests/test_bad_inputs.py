@@ -475,6 +475,20 @@ def test_server_basic_auth(monkeypatch):
     assert ok.exit_code == 0 and "--app-name basic-auth" in ok.output
 
 
+# --------------------------------------------------------------------------------------------- compiler
+def test_compile_without_a_cpp_compiler_is_refused_before_anything_exists(ws):
+    """`train.compile` builds C++ kernels at the first step: a machine without a compiler is told so up front."""
+    from torch._inductor import config as inductor_config
+
+    recipe = ws.recipe()
+    before = ws.hashes()
+    with inductor_config.patch({"cpp.cxx": (None, "no-such-compiler-medda")}):  # inductor's own override API
+        result = runner.invoke(app, ["train", str(recipe), "train.compile=true", "train.device=cpu"])
+    assert_user_error(result, "'train.compile' is true", "C++ compiler", "expected false")
+    assert not ws.out.exists()
+    assert ws.hashes() == before
+
+
 # --------------------------------------------------------------------------------------------- diverging training
 def test_diverging_training_stops_and_saves_nothing(ws):
     recipe = ws.recipe()
