@@ -13,6 +13,9 @@ Writes benchmarks/results/lge_ssda_<method>_k<k>.json; `--source` evaluates the 
 `--table` prints the Markdown tables of every saved result (summary, every run, Dice per held-out image).
 A variant of a method's recipe, `--tag NAME --option KEY=VALUE` (method options, e.g. `pretrain_loss=unmixed`),
 trains into `..._NAME` and is listed as its own row, paired with the few-shot fine-tune of the same seed.
+Another budget (`--iterations N`, N != 600) trains into `..._itN`, is labelled `method @N`, and is paired with the
+few-shot fine-tune of the same budget and seed. `--results DIR` keeps a set of runs apart (e.g. runs from another
+source checkpoint, `--source-checkpoint`), and `--table --results DIR` prints that set.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ RESULTS = REPO / "benchmarks" / "results"
 OUT = REPO / "benchmarks" / "out" / "lge_ssda"
 LABELLED = ("subject1", "subject29", "subject36", "subject41", "subject8")
 KS = (1, 2, 3)
+DEFAULT_ITERATIONS = 600  # the recipe's budget (configs/mscmr_lge_ssda.yaml)
 METHODS = ("supervised", "mean_teacher", "bcp")
 
 
@@ -45,9 +49,10 @@ def datalist(k: int, held_out: bool) -> dict:
     return {"path": str(path), "split": key}
 
 
-def config(k: int, name: str, extra: list[str]):
+def config(k: int, name: str, extra: list[str], source: Path | None = None):
     from medda.config import load_config
 
+    extra = [*extra, f"source_checkpoint={source}"] if source else extra
     return load_config(CONFIG, [
         f"data.train={json.dumps(datalist(k, held_out=False))}", f"data.test={json.dumps(datalist(k, held_out=True))}",
         f"output_dir={OUT / name}", f"tracking.run_name=bench-ssda-{name}",
@@ -73,23 +78,30 @@ def evaluate(checkpoint: Path, cfg, out: Path) -> dict:
 
 
 def _label(r: dict) -> str:
-    """The method and, for a variant, its tag: `bcp [preunmixed]`."""
-    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "")
+    """The method and, for a variant, its tag and budget: `bcp [preunmixed]`, `supervised @1800`."""
+    budget = f" @{r['iterations']}" if r["iterations"] not in (0, DEFAULT_ITERATIONS) else ""
+    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "") + budget
+
+
+def _twin_label(r: dict) -> str:
+    """The few-shot fine-tune a run is paired with: the untagged supervised run of the same budget."""
+    return _label({"method": "supervised", "iterations": r["iterations"]})
 
 
 def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
-        option: tuple[str, ...] = ()) -> dict:
+        option: tuple[str, ...] = (), source: Path | None = None) -> dict:
     from medda import api
     from medda.runtime import machine_description
 
     name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "") + (f"_{tag}" if tag else "")
+    name += f"_it{iterations}" if iterations != DEFAULT_ITERATIONS else ""
     extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
     options = {"pretrain_iterations": str(pretrain)} if method == "bcp" else {}
     options.update(item.split("=", 1) for item in option)
     extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     if method == "supervised":
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null"]
-    cfg = config(k, name, extra)
+    cfg = config(k, name, extra, source)
     t0 = time.perf_counter()
     trained = api.train(cfg)
     train_wall = time.perf_counter() - t0
@@ -100,7 +112,7 @@ def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str
         "train_wall_min": round(train_wall / 60, 1), "checkpoint_policy": str(trained.selection),
         "trained_on": list(LABELLED[:k]), "evaluated_on": list(LABELLED[k:]),
         "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
-        "config_digest": cfg.digest(), "run_id": trained.run_id,
+        "source_checkpoint": str(cfg.source_checkpoint), "config_digest": cfg.digest(), "run_id": trained.run_id,
         "eval": evaluate(trained.checkpoint, cfg, OUT / name / "eval"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -108,10 +120,10 @@ def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str
     return result
 
 
-def source_rows() -> None:
+def source_rows(source: Path | None = None) -> None:
     """The source model, untrained on LGE, on each held-out set (the reference every row must beat)."""
     for k in KS:
-        cfg = config(k, f"source_k{k}", [])
+        cfg = config(k, f"source_k{k}", [], source)
         result = {"method": "source", "k": k, "iterations": 0, "seed": 0, "train_wall_min": 0.0,
                   "evaluated_on": list(LABELLED[k:]),
                   "eval": evaluate(Path(cfg.source_checkpoint), cfg, OUT / f"source_k{k}" / "eval")}
@@ -146,6 +158,7 @@ def summary() -> str:
     dice = {(r["k"], _label(r), r.get("seed", 0)): 100 * r["eval"]["plain"]["summary"]["dice/mean"] for r in found}
     head = "| k | evaluated on | method | Dice per seed | mean | vs few-shot fine-tune (paired by seed) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    budgets = {(r["k"], _label(r)): _twin_label(r) for r in found}
     variants = sorted({m for (_, m, _) in dice if m not in METHODS and m != "source"})
     for k in KS:
         for method in (*METHODS, *variants):
@@ -153,10 +166,11 @@ def summary() -> str:
             if not seeds:
                 continue
             values = [dice[(k, method, s)] for s in seeds]
-            paired = [dice[(k, method, s)] - dice[(k, "supervised", s)] for s in seeds if (k, "supervised", s) in dice]
-            delta = "" if method == "supervised" or not paired else (
+            twin = budgets[(k, method)]
+            paired = [dice[(k, method, s)] - dice[(k, twin, s)] for s in seeds if (k, twin, s) in dice]
+            delta = "" if method == twin or not paired else (
                 f"{sum(paired) / len(paired):+.1f} ({', '.join(f'{d:+.1f}' for d in paired)})")
-            label = "few-shot fine-tune (supervised twin)" if method == "supervised" else method
+            label = f"few-shot fine-tune (supervised twin){method[len('supervised'):]}" if method == twin else method
             lines.append(f"| {k} | {5 - k} images | {label} | {' / '.join(f'{v:.1f}' for v in values)} | "
                          f"{sum(values) / len(values):.1f} | {delta} |")
     return "\n".join(lines)
@@ -177,6 +191,7 @@ def per_image() -> str:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--k", type=int, choices=KS)
@@ -188,17 +203,22 @@ def main() -> None:
     parser.add_argument("--tag", help="a recipe variant's name: trains into <method>_k<k>[_seedN]_TAG")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a method option of the variant (repeatable; needs --tag)")
+    parser.add_argument("--source-checkpoint", type=Path,
+                        help="another source model (default: the config's); use with --results")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where result files go (default %(default)s)")
     args = parser.parse_args()
+    RESULTS = args.results
     if args.option and not args.tag:
         parser.error("--option changes the recipe: name the variant with --tag")
     if any("=" not in item for item in args.option):
         parser.error("--option takes KEY=VALUE")
     if args.source:
-        source_rows()
+        source_rows(args.source_checkpoint)
     if args.method:
         if args.k is None:
             parser.error("--method needs --k")
-        r = run(args.method, args.k, args.iterations, args.pretrain, args.seed, args.tag, tuple(args.option))
+        r = run(args.method, args.k, args.iterations, args.pretrain, args.seed, args.tag, tuple(args.option),
+                args.source_checkpoint)
         print(f"{_label(r)} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
               f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
     if args.table:
