@@ -16,6 +16,9 @@ trains into `..._NAME` and is listed as its own row, paired with the few-shot fi
 Another budget (`--iterations N`, N != 600) trains into `..._itN`, is labelled `method @N`, and is paired with the
 few-shot fine-tune of the same budget and seed. `--results DIR` keeps a set of runs apart (e.g. runs from another
 source checkpoint, `--source-checkpoint`), and `--table --results DIR` prints that set.
+`--cross-validate` selects the checkpoint by cross-validation over the k labelled images (`train.select_by=
+cross_validation`: leave-one-out folds, then a run on all k that stops at the folds' best iteration; k >= 2), trains
+into `..._cv`, is labelled `method cv`, and is paired with the cross-validated fine-tune of the same budget.
 """
 
 from __future__ import annotations
@@ -78,41 +81,47 @@ def evaluate(checkpoint: Path, cfg, out: Path) -> dict:
 
 
 def _label(r: dict) -> str:
-    """The method and, for a variant, its tag and budget: `bcp [preunmixed]`, `supervised @1800`."""
+    """The method and, for a variant, its tag, budget and selection: `bcp [preunmixed]`, `supervised @1800 cv`."""
     budget = f" @{r['iterations']}" if r["iterations"] not in (0, DEFAULT_ITERATIONS) else ""
-    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "") + budget
+    selection = " cv" if r.get("checkpoint_policy") == "cross_validation" else ""
+    return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "") + budget + selection
 
 
 def _twin_label(r: dict) -> str:
-    """The few-shot fine-tune a run is paired with: the untagged supervised run of the same budget."""
-    return _label({"method": "supervised", "iterations": r["iterations"]})
+    """The few-shot fine-tune a run is paired with: the untagged supervised run of the same budget and selection."""
+    return _label({"method": "supervised", "iterations": r["iterations"],
+                   "checkpoint_policy": r.get("checkpoint_policy")})
 
 
 def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
-        option: tuple[str, ...] = (), source: Path | None = None) -> dict:
+        option: tuple[str, ...] = (), source: Path | None = None, cross_validate: bool = False,
+        overrides: tuple[str, ...] = ()) -> dict:
     from medda import api
     from medda.runtime import machine_description
 
     name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "") + (f"_{tag}" if tag else "")
     name += f"_it{iterations}" if iterations != DEFAULT_ITERATIONS else ""
+    name += "_cv" if cross_validate else ""
     extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
+    extra += ["train.select_by=cross_validation"] if cross_validate else []
     options = {"pretrain_iterations": str(pretrain)} if method == "bcp" else {}
     options.update(item.split("=", 1) for item in option)
     extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     if method == "supervised":
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null"]
-    cfg = config(k, name, extra, source)
+    cfg = config(k, name, [*extra, *overrides], source)
     t0 = time.perf_counter()
     trained = api.train(cfg)
     train_wall = time.perf_counter() - t0
     result = {
         "method": method, "k": k, "iterations": iterations,
         "pretrain_iterations": pretrain if method == "bcp" else None, "seed": seed,
-        "tag": tag, "options": list(option),
+        "tag": tag, "options": list(option), "overrides": list(overrides),
         "train_wall_min": round(train_wall / 60, 1), "checkpoint_policy": str(trained.selection),
         "trained_on": list(LABELLED[:k]), "evaluated_on": list(LABELLED[k:]),
         "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
         "source_checkpoint": str(cfg.source_checkpoint), "config_digest": cfg.digest(), "run_id": trained.run_id,
+        "cross_validation": trained.cross_validation,
         "eval": evaluate(trained.checkpoint, cfg, OUT / name / "eval"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -143,6 +152,8 @@ def table() -> str:
         label += f" (seed {r['seed']})" if r.get("seed") else ""
         iters = f"{r['iterations']} ({r['pretrain_iterations']} + {r['iterations'] - r['pretrain_iterations']})" \
             if r.get("pretrain_iterations") else str(r["iterations"])
+        if r.get("cross_validation"):  # the final run stopped where the folds' mean held-out Dice peaked
+            iters += f", stopped at {r['cross_validation']['iteration']} by {len(r['cross_validation']['folds'])}-fold cv"
         lines.append(
             f"| {r['k']} | {len(r['evaluated_on'])} images | {label} | {iters} | {r['train_wall_min']} | "
             f"{100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | {100 * e['dice/Myo']:.1f} | "
@@ -190,6 +201,26 @@ def per_image() -> str:
     return "\n".join(lines)
 
 
+def cv_choices() -> str:
+    """Per cross-validated run: each fold's held-out image and Dice, the mean curve's value at a few iterations,
+    and the chosen stop (Dice in %, on the held-out *training* images, never on the evaluation images)."""
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("lge_ssda_*.json"))]
+    found = [r for r in found if r.get("cross_validation")]
+    if not found:
+        return ""
+    head = "| run | held out per fold | fold Dice at the chosen iteration | mean at 600 / 1200 / 1800 | chosen: iteration, mean |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(found, key=lambda r: (r["k"], _label(r), r.get("seed", 0))):
+        cv = r["cross_validation"]
+        mean, it = dict(cv["mean_val_dice"]), cv["iteration"]
+        folds = " / ".join(f"{100 * dict(f['val_dice'])[it]:.1f}" for f in cv["folds"])
+        marks = " / ".join(f"{100 * mean[m]:.1f}" if m in mean else "-" for m in (600, 1200, 1800))
+        held = ", ".join("+".join(f["held_out"]) for f in cv["folds"])
+        lines.append(f"| k={r['k']} {_label(r)} seed {r.get('seed', 0)} | {held} | {folds} | {marks} | "
+                     f"{it}, {100 * mean[it]:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -206,6 +237,10 @@ def main() -> None:
     parser.add_argument("--source-checkpoint", type=Path,
                         help="another source model (default: the config's); use with --results")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where result files go (default %(default)s)")
+    parser.add_argument("--cross-validate", action="store_true",
+                        help="select the checkpoint by cross-validation over the k labelled images (k >= 2)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for this run (e.g. train.compile=true; not part of the run's name)")
     args = parser.parse_args()
     RESULTS = args.results
     if args.option and not args.tag:
@@ -218,11 +253,11 @@ def main() -> None:
         if args.k is None:
             parser.error("--method needs --k")
         r = run(args.method, args.k, args.iterations, args.pretrain, args.seed, args.tag, tuple(args.option),
-                args.source_checkpoint)
+                args.source_checkpoint, args.cross_validate, tuple(args.override))
         print(f"{_label(r)} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
               f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
     if args.table:
-        print(summary() + "\n\n" + table() + "\n\n" + per_image())
+        print(summary() + "\n\n" + table() + "\n\n" + per_image() + "\n\n" + cv_choices())
 
 
 if __name__ == "__main__":

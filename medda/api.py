@@ -42,7 +42,14 @@ from medda.methods.base import Method, MethodContext
 from medda.models.factory import build_model, load_model, save_checkpoint
 from medda.registry import get_method, methods_for
 from medda.runtime import Runtime, require_compiler, resolve_device
-from medda.selection import LabelFreeValidator, dice_validator, recommend, snapshot_bn
+from medda.selection import (
+    LabelFreeValidator,
+    choose_iteration,
+    cross_validation_folds,
+    dice_validator,
+    recommend,
+    snapshot_bn,
+)
 from medda.tracking import NullTracker, Tracker, make_tracker
 
 PREPROCESSING_FIELDS = ("mode", "slice_axis", "patch_size", "spacing", "foreground_crop")
@@ -142,13 +149,27 @@ class TrainResult:
     loop: LoopResult
     run_id: str | None
     selection: str
+    # select_by=cross_validation: the folds (held-out case ids, run ids, [iteration, Dice] of every validation),
+    # the mean curve and the chosen iteration; None otherwise
+    cross_validation: dict | None = None
 
     @classmethod
     def from_record(cls, r: dict) -> TrainResult:
         best = r["loop"]["best_path"]
         loop = LoopResult(**{**r["loop"], "best_path": Path(best) if best else None,
                              "last_path": Path(r["loop"]["last_path"])})
-        return cls(Path(r["checkpoint"]), Path(r["last"]), loop, r["run_id"], r["selection"])
+        return cls(Path(r["checkpoint"]), Path(r["last"]), loop, r["run_id"], r["selection"],
+                   r.get("cross_validation"))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What cross-validation changes in one training run (the default plan changes nothing)."""
+
+    labeled: list[dict] | None = None  # a fold's labelled cases (None: data.train)
+    held_out: list[dict] | None = None  # a fold's held-out cases: scored along the run, never selected on
+    stop_at: int | None = None  # the final run stops at the chosen iteration
+    cross_validation: dict | None = None  # the final run records the folds' result
 
 
 def _refuse_overlap(cases: list[dict], test_cases: list[dict], field: str) -> None:
@@ -188,7 +209,12 @@ def few_label_selection(select_by: str, has_val: bool) -> str:
     """
     if select_by == "label_free":
         raise MeddaError("config: field 'train.select_by' is label_free, which is for source-free adaptation; "
-                         "a run that trains on labels selects by val_dice (with data.val) or last")
+                         "a run that trains on labels selects by val_dice (with data.val), last or cross_validation")
+    if select_by == "cross_validation":
+        if has_val:
+            raise MeddaError("config: field 'train.select_by' is cross_validation, which holds out the labelled cases "
+                             "of data.train in turn; set data.val to null, or select_by to val_dice")
+        return select_by
     return select_by if has_val else "last"
 
 
@@ -244,11 +270,59 @@ def train(cfg: RunConfig, tracker: Tracker | None = None, tags: dict | None = No
     """
     if distributed.launched() and resume:
         distributed.refuse("medda train --resume")
+    if cfg.train.select_by == "cross_validation":
+        distributed.refuse("train.select_by=cross_validation")
     with distributed.session():
+        if cfg.train.select_by == "cross_validation":
+            return _cross_validated(cfg, tracker, tags, resume)
         return _train(cfg, tracker, tags, resume)
 
 
-def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> TrainResult:
+def _cross_validated(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool) -> TrainResult:
+    """select_by=cross_validation: one run per fold on the other labelled cases, scoring its held-out ones every
+    `val_every` iterations (and at BCP's phase switch); then one run on every labelled case that stops at the
+    iteration with the best mean held-out Dice, under the LR schedule of the full budget, as in the folds.
+
+    The folds live in `output_dir/cv/fold<i>` and are MLflow runs of their own, tagged `cv.fold` and `cv.held_out`;
+    with `resume`, finished folds are not trained again. The final run records the mean curve (`cv/val_dice` by
+    iteration), the chosen iteration and the folds' run ids. Costs up to `cv_folds` + 1 trainings.
+    """
+    data = Data.load(cfg.data)
+    labeled = data.cases(cfg.data.train, "train")
+    few_label_selection(cfg.train.select_by, bool(cfg.data.val))  # refuses data.val before any fold trains
+    test_cases = data.cases(cfg.data.test, "test") if cfg.data.test else []
+    _refuse_overlap(labeled, test_cases, "train")
+    folds = cross_validation_folds(labeled, cfg.train.cv_folds)
+    tracker = tracker or make_tracker(cfg.tracking)
+    name = cfg.tracking.run_name or f"train-{cfg.method.name}"
+    records, curves = [], []
+    for i, held_out in enumerate(folds, start=1):
+        held_ids = [c["id"] for c in held_out]
+        fold_cfg = cfg.model_copy(deep=True, update={
+            "output_dir": cfg.output_dir / "cv" / f"fold{i}",
+            "tracking": cfg.tracking.model_copy(update={"run_name": f"{name}-cv{i}"}),
+        })
+        fold_tags = {**(tags or {}), "cv.fold": f"{i}/{len(folds)}", "cv.held_out": ",".join(held_ids)}
+        rest = [c for c in labeled if c["id"] not in held_ids]
+        fold = _train(fold_cfg, tracker, fold_tags, _resumes(resume, fold_cfg, first=i == 1),
+                      _Plan(labeled=rest, held_out=held_out))
+        curve = {int(h["iteration"]): float(h["val/score"]) for h in fold.loop.history}
+        curves.append(curve)
+        records.append({"held_out": held_ids, "run_id": fold.run_id, "val_dice": sorted(curve.items())})
+    chosen, mean = choose_iteration(curves)
+    summary = {"folds": records, "mean_val_dice": sorted(mean.items()), "iteration": chosen}
+    final = _Plan(stop_at=chosen, cross_validation=summary)
+    return _train(cfg, tracker, tags, _resumes(resume, cfg, first=False), final)
+
+
+def _resumes(resume: bool, cfg: RunConfig, first: bool) -> bool:
+    """Whether a stage of cross-validation continues a saved state: the first fold always with `--resume` (refused
+    when nothing was saved), a later stage only when it had started before the interruption."""
+    return resume and (first or (cfg.output_dir / RESUME_FILE).exists())
+
+
+def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: bool,
+           plan: _Plan = _Plan()) -> TrainResult:
     main = distributed.is_main()
     if cfg.train.compile:
         require_compiler(resolve_device(cfg.train.device))
@@ -264,12 +338,13 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     if source_meta is not None:
         _refuse_class_mismatch(cfg.data.card, data.card, source_meta)
     cls = get_method(cfg.method.name)
-    labeled = data.cases(cfg.data.train, "train")
-    val_cases = data.cases(cfg.data.val, "val") if cfg.data.val else []
+    labeled = plan.labeled if plan.labeled is not None else data.cases(cfg.data.train, "train")
+    val_cases = plan.held_out or (data.cases(cfg.data.val, "val") if cfg.data.val else [])
     test_cases = data.cases(cfg.data.test, "test") if cfg.data.test else []
     _refuse_overlap(labeled, test_cases, "train")
     _refuse_overlap(val_cases, test_cases, "val")
-    selection = few_label_selection(cfg.train.select_by, bool(val_cases))
+    # a fold scores its held-out cases but keeps its last checkpoint, as the final run will
+    selection = "last" if plan.held_out else few_label_selection(cfg.train.select_by, bool(val_cases))
     streams, lengths = {}, {}
     unlabeled: list[dict] = []
     if "unlabeled" in cls.streams:
@@ -299,7 +374,7 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
         data.check(unlabeled, False)  # (labelled cases are read by the class-prior measurement below)
         data.check(val_cases, True)
     validate = None
-    if selection == "val_dice" and main:  # built before the run: with the cache, building it reads every case
+    if (selection == "val_dice" or plan.held_out) and main:  # built before the run (the cache reads every case)
         validate = dice_validator(lambda m: Predictor.on(runtime, m, cfg.data, cfg.inference, cfg.train.channels_last),
                                   data, val_cases)
     if source_meta is None:  # built after the data streams, as always, so seeded initialisations are unchanged
@@ -331,6 +406,8 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
             _resumed(tracker, previous)
         else:
             tracker.log_config(cfg.model_dump(mode="json"), cfg.digest())
+            if plan.cross_validation is not None:
+                _log_cross_validation(tracker, plan.cross_validation)
             # Labelled target cases of a fine-tune from a source model are "target-labeled", as in `adapt`.
             fine_tune = source_meta is not None and "unlabeled" not in cls.streams
             labeled_role = lineage.TARGET_LABELED if fine_tune else lineage.labeled_context(cls.streams)
@@ -350,7 +427,8 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
             return save_checkpoint(out / f"{tag}.pt", method.eval_model(), meta)
 
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
-                        tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper)
+                        tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper,
+                        phase_from_best=not plan.held_out, stop_at=plan.stop_at)
         loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
         chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})
@@ -359,11 +437,20 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
             tracker.log_artifact(chosen, "checkpoints")
             source_run_id = (source_meta.get("run_id") or "") if source_meta is not None else None
             lineage.register(tracker, chosen, data.card, cfg, "train", source_run_id=source_run_id)
-        result = TrainResult(chosen, loop.last_path, loop, distributed.broadcast_object(tracker.run_id), selection)
+        result = TrainResult(chosen, loop.last_path, loop, distributed.broadcast_object(tracker.run_id), selection,
+                             plan.cross_validation)
         if main:
             keeper.finish(_record(result))
         distributed.barrier()
         return result
+
+
+def _log_cross_validation(tracker: Tracker, summary: dict) -> None:
+    """The folds' mean held-out Dice by iteration, the chosen iteration and the folds' runs (audit)."""
+    for it, value in summary["mean_val_dice"]:
+        tracker.log_metrics({"cv/val_dice": value}, it)
+    tracker.set_tags({"cv.iteration": summary["iteration"], "cv.folds": len(summary["folds"]),
+                      "cv.fold_run_ids": ",".join(f["run_id"] or "" for f in summary["folds"])})
 
 
 # --------------------------------------------------------------------------------------------- adapt

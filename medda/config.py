@@ -117,8 +117,14 @@ class TrainConfig(Strict):
     keep_checkpoints: bool = Field(
         False, description="Keep every validated checkpoint as it<N>.pt (audit the label-free choice against labels)."
     )
-    select_by: Literal["val_dice", "last", "label_free"] = Field(
-        "val_dice", description="Checkpoint policy: best validation Dice, the last one, or the label-free rule (adaptation)."
+    select_by: Literal["val_dice", "last", "cross_validation", "label_free"] = Field(
+        "val_dice",
+        description="Checkpoint policy: best validation Dice, the last one, the iteration that cross-validation over "
+        "the labelled cases (data.train) chooses, or the label-free rule (adaptation).",
+    )
+    cv_folds: int = Field(
+        5, ge=2, description="select_by=cross_validation: at most this many folds (leave-one-out with fewer labelled "
+        "cases); labelled case i is held out in fold i mod cv_folds."
     )
 
     @field_validator("amp", mode="before")

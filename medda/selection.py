@@ -1,4 +1,5 @@
-"""Model selection: which checkpoint to keep, with labels (validation Dice) or without (the label-free monitor).
+"""Model selection: which checkpoint to keep, with labels (validation Dice, cross-validation over a few labelled
+cases: docs/methods.md section 8) or without (the label-free monitor).
 
 Label-free monitoring of adaptation: is the adapted model better than the source model, without labels?
 
@@ -37,6 +38,7 @@ from medda.config import DataConfig, SelectionConfig
 from medda.data.loading import Data, tiles, unlabeled
 from medda.data.transforms import inference_chain
 from medda.engine.loop import LoopResult, Validation
+from medda.errors import MeddaError
 from medda.inference import Predictor, to_label
 from medda.methods.base import batchnorm_layers
 from medda.methods.losses import entropy, kl_divergence
@@ -232,3 +234,25 @@ def recommend(history: list[dict], loop: LoopResult, cfg: SelectionConfig, has_p
     if collapse:
         reason += f"; stopped early: {collapse} (kept the last safe checkpoint)"
     return Recommendation(adapted, recommended, reason, source, chosen)
+
+
+def cross_validation_folds(cases: list[dict], folds: int) -> list[list[dict]]:
+    """The held-out cases of each fold: case i in fold i mod n, n = min(folds, cases) (leave-one-out when few).
+
+    Raises:
+        MeddaError: fewer than 2 labelled cases (nothing would be left to train a fold on).
+    """
+    if len(cases) < 2:
+        raise MeddaError(f"config: field 'train.select_by' is cross_validation, which needs at least 2 labelled cases "
+                         f"in data.train (found {len(cases)}); with one, select_by last keeps the fixed budget's "
+                         "last checkpoint")
+    n = min(folds, len(cases))
+    return [cases[i::n] for i in range(n)]
+
+
+def choose_iteration(curves: list[dict[int, float]]) -> tuple[int, dict[int, float]]:
+    """The iteration with the best mean validation score over the folds (the earliest of equal ones), and the mean
+    score at every iteration that all folds validated."""
+    shared = sorted(set.intersection(*(set(c) for c in curves)))
+    mean = {it: sum(c[it] for c in curves) / len(curves) for it in shared}
+    return max(shared, key=lambda it: (mean[it], -it)), mean

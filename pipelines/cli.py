@@ -67,6 +67,11 @@ def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = Fals
         typer.echo(f"trained {cfg.method.name}: {result.loop.iterations} iterations in {result.loop.seconds:.0f} s")
         if result.loop.best_iteration >= 0:
             typer.echo(f"best validation Dice {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
+        if result.cross_validation is not None:
+            cv = result.cross_validation
+            best = dict(cv["mean_val_dice"])[cv["iteration"]]
+            typer.echo(f"cross-validation over {len(cv['folds'])} folds: mean held-out Dice {best:.4f} at iteration "
+                       f"{cv['iteration']}, where the run on every labelled case stopped")
         typer.echo(f"selected checkpoint ({result.selection}): {result.checkpoint}")
         if result.run_id:
             typer.echo(f"MLflow run: {result.run_id}")

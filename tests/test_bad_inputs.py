@@ -489,6 +489,24 @@ def test_compile_without_a_cpp_compiler_is_refused_before_anything_exists(ws):
     assert ws.hashes() == before
 
 
+def test_cross_validation_with_validation_cases_is_refused_before_anything_exists(ws):
+    recipe = ws.recipe()
+    before = ws.hashes()
+    result = runner.invoke(app, ["train", str(recipe), "train.select_by=cross_validation",
+                                 f"data.val={{path: '{ws.dataset}'}}"])
+    assert_user_error(result, "'train.select_by' is cross_validation", "set data.val to null")
+    assert not ws.out.exists()
+    assert ws.hashes() == before
+
+
+def test_cross_validation_from_the_command_line_reports_its_choice(ws):
+    result = runner.invoke(app, ["train", str(ws.recipe()), "train.select_by=cross_validation"])
+    assert result.exit_code == 0, result.output
+    assert "cross-validation over 2 folds: mean held-out Dice" in result.output
+    assert "at iteration 1, where the run on every labelled case stopped" in result.output
+    assert (ws.out / "cv" / "fold1" / "last.pt").exists() and (ws.out / "last.pt").exists()
+
+
 # --------------------------------------------------------------------------------------------- diverging training
 def test_diverging_training_stops_and_saves_nothing(ws):
     recipe = ws.recipe()

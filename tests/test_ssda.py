@@ -23,7 +23,7 @@ import torch
 import yaml
 from monai.data.image_reader import NibabelReader
 
-from medda import api
+from medda import api, selection
 from medda.config import load_config
 from medda.data.phantoms import write_phantom_dataset
 from medda.errors import MeddaError
@@ -178,8 +178,61 @@ def test_few_label_selection_rule():
     assert api.few_label_selection("val_dice", has_val=True) == "val_dice"
     assert api.few_label_selection("last", has_val=True) == "last"
     assert api.few_label_selection("val_dice", has_val=False) == "last"
+    assert api.few_label_selection("cross_validation", has_val=False) == "cross_validation"
     with pytest.raises(MeddaError, match="train.select_by' is label_free"):
         api.few_label_selection("label_free", has_val=True)
+    with pytest.raises(MeddaError, match="holds out the labelled cases of data.train in turn; set data.val to null"):
+        api.few_label_selection("cross_validation", has_val=True)
+
+
+def test_cross_validation_folds_hold_out_every_case_once():
+    cases = [{"id": f"c{i}"} for i in range(7)]
+    assert [[c["id"] for c in f] for f in selection.cross_validation_folds(cases[:3], 5)] == [["c0"], ["c1"], ["c2"]]
+    folds = selection.cross_validation_folds(cases, 3)
+    assert [[c["id"] for c in f] for f in folds] == [["c0", "c3", "c6"], ["c1", "c4"], ["c2", "c5"]]
+    with pytest.raises(MeddaError, match="needs at least 2 labelled cases in data.train \\(found 1\\)"):
+        selection.cross_validation_folds(cases[:1], 5)
+
+
+def test_choose_iteration_maximises_the_mean_over_folds_and_prefers_the_earliest_tie():
+    # fold 1 peaks at 20, fold 2 at 30; the mean (0.6, 0.7, 0.7, 0.5) peaks at 20 and 30: the earlier one wins.
+    # Iteration 40 is missing from fold 2 (it stopped early) and is no candidate.
+    curves = [{10: 0.5, 20: 0.8, 30: 0.6, 40: 0.9}, {10: 0.7, 20: 0.6, 30: 0.8}]
+    chosen, mean = selection.choose_iteration(curves)
+    assert chosen == 20 and mean == pytest.approx({10: 0.6, 20: 0.7, 30: 0.7})
+
+
+def test_cross_validation_trains_a_fold_per_labelled_case_then_stops_where_the_folds_score_best(sites, source,
+                                                                                                 tmp_path):
+    cfg = _target_cfg(sites, source, tmp_path, "supervised", [
+        f"data.train={{path: '{sites['B']}', split: training, limit: 2}}", "data.unlabeled=null",
+        "data.augment=false", "train.iterations=12", "train.val_every=3", "train.select_by=cross_validation",
+    ])
+    tracker = RecordingTracker()
+    result = api.train(cfg, tracker=tracker)
+    cv = result.cross_validation
+    ids = [c["id"] for c in api.Data.load(cfg.data).cases(cfg.data.train, "train")]
+    assert [f["held_out"] for f in cv["folds"]] == [[ids[0]], [ids[1]]]
+    # each fold scored its held-out case every val_every iterations; the mean curve's best iteration is chosen
+    assert [[it for it, _ in f["val_dice"]] for f in cv["folds"]] == [[3, 6, 9, 12]] * 2
+    mean = dict(cv["mean_val_dice"])
+    assert cv["iteration"] == max(mean, key=lambda it: (mean[it], -it))
+    for it, value in mean.items():
+        assert value == pytest.approx(sum(dict(f["val_dice"])[it] for f in cv["folds"]) / 2)
+    # the final run trained on both labelled cases and stopped at the chosen iteration, keeping that checkpoint
+    assert result.selection == "cross_validation" and result.checkpoint == result.last
+    assert result.loop.iterations == cv["iteration"]
+    assert read_checkpoint(result.checkpoint)["meta"]["iteration"] == cv["iteration"]
+    assert (tmp_path / "cv" / "fold1" / "last.pt").exists() and (tmp_path / "cv" / "fold2" / "last.pt").exists()
+    assert tracker.tags["cv.fold"] == "2/2" and tracker.tags["checkpoint.policy"] == "cross_validation"
+
+
+def test_cross_validation_with_one_labelled_case_is_refused_before_training(sites, source, tmp_path):
+    cfg = _target_cfg(sites, source, tmp_path, "supervised", ["data.unlabeled=null",
+                                                               "train.select_by=cross_validation"])
+    with pytest.raises(MeddaError, match="needs at least 2 labelled cases") as err:
+        api.train(cfg)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("field", ["train", "val"])

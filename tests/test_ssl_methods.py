@@ -503,6 +503,49 @@ def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
     assert [h["iteration"] for h in result.history] == [2, 4, 6, 8]
 
 
+def test_loop_cross_validation_fold_switches_from_the_last_weights_and_final_run_stops_early(tmp_path):
+    """A cross-validation fold (`phase_from_best=False`) only scores: BCP's stage 2 starts from the last stage-1
+    weights, as in the final run, which has no validation. `stop_at` ends the run early under the full schedule."""
+    import itertools
+
+    from medda.config import OptimConfig, TrainConfig
+    from medda.engine.loop import Validation, lr_factor, run_loop
+    from medda.models.factory import read_checkpoint, save_checkpoint
+
+    net = tiny_unet(2)
+    bcp = BCP(net, BCPConfig(pretrain_iterations=4), ctx(2, (8, 8), total=8))
+    b = batch((8, 8))
+    streams = {name: itertools.repeat(b[name]) for name in ("labeled", "unlabeled")}
+    snapshots, switch, lrs = {}, {}, []
+
+    def save(tag, it):
+        return save_checkpoint(tmp_path / f"{tag}.pt", bcp.eval_model(), {"iteration": it})
+
+    def validate(model, it):
+        snapshots[it] = {k: v.clone() for k, v in model.state_dict().items()}
+        return Validation({2: 0.9, 4: 0.1, 6: 0.3}[it])
+
+    start_phase = bcp.start_phase
+
+    def spy(phase, state):
+        start_phase(phase, state)
+        switch["student"] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    bcp.start_phase = spy
+    train = TrainConfig(iterations=8, val_every=2, channels_last=False, amp="off")
+    optim = OptimConfig(name="sgd", lr=0.01, schedule="poly")
+    result = run_loop(bcp, streams, train, optim, torch.device("cpu"), None, save, validate,
+                      log=lambda metrics, it: lrs.extend((it, v) for k, v in metrics.items() if k == "train/lr"),
+                      log_every=1,
+                      phase_from_best=False, stop_at=6)
+    for k, v in snapshots[4].items():  # the last stage-1 weights (iteration 4), not the best (iteration 2)
+        assert torch.equal(switch["student"][k], v)
+    assert result.iterations == 6 and [h["iteration"] for h in result.history] == [2, 4, 6]
+    assert read_checkpoint(result.last_path)["meta"]["iteration"] == 6
+    # the LR after step 6 is the 8-iteration schedule's, not a schedule that ends at 6
+    assert dict(lrs)[6] == pytest.approx(0.01 * lr_factor(6, 8, optim))
+
+
 @pytest.mark.parametrize("method", ["bcp", "mean_teacher"])
 def test_loop_puts_the_teacher_in_the_batches_memory_format(method):
     """With `train.channels_last`, the EMA teacher's weights take the student's layout (a contiguous teacher ran

@@ -202,6 +202,8 @@ def run_loop(
     log_every: int = 10,
     score_initial: bool = False,
     resume: Resume | None = None,
+    phase_from_best: bool = True,
+    stop_at: int | None = None,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
 
@@ -215,6 +217,10 @@ def run_loop(
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
         resume: where to write the resume state, and the state to continue from (`medda.engine.resume`).
+        phase_from_best: a new phase (BCP's self-training) starts from the previous phase's best validated weights;
+            False: from its last weights, as a run without validation does (a cross-validation fold only scores).
+        stop_at: stop after this many iterations, the LR schedule still that of `train.iterations` (the final run
+            of cross-validation stops at the iteration its folds chose).
 
     Raises:
         Interrupted: SIGINT/SIGTERM (while `medda.engine.resume.SIGNALS` is active), after the current iteration
@@ -232,6 +238,7 @@ def run_loop(
         selection.check(0)  # before `configure` resets or re-wires anything: adapting must beat the source model
     total = one_pass_length if method.one_pass else train.iterations
     optimisation = _Optimisation(method, optim, total)
+    end = total if stop_at is None else min(stop_at, total)
     running: dict[str, list[float]] = defaultdict(list)
     first, before = 0, 0.0
     if previous is not None:
@@ -255,14 +262,14 @@ def run_loop(
         snapshot(0)
     it, phase = first - 1, method.phase(max(first - 1, 0))
     quiet = {} if main else {"disable": True}  # one progress bar, rank 0's
-    bar = tqdm(range(first, total), desc=method.name, leave=False, dynamic_ncols=True, initial=first, total=total,
-               **quiet)
+    bar = tqdm(range(first, end), desc=method.name, leave=False, dynamic_ncols=True, initial=first, total=end, **quiet)
     for it in bar:
         with SIGNALS.deferred():  # a signal stops the run at the end of this iteration, never inside it
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
                 phase = method.phase(it)
                 # under torchrun rank 0 validated: every process starts the phase from its best weights
-                best = distributed.broadcast_object(selection.best_state) if ddp is not None else selection.best_state
+                best = selection.best_state if phase_from_best else None
+                best = distributed.broadcast_object(best) if ddp is not None else best
                 method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
             batch = {name: _to_device(next(streams[name]), device, fmt) for name in method.streams}
@@ -272,20 +279,20 @@ def run_loop(
             method.after_step(it)
             for key, value in result.logs.items():
                 running[key].append(float(value))
-            if (it + 1) % log_every == 0 or it + 1 == total:
+            if (it + 1) % log_every == 0 or it + 1 == end:
                 _log_average(running, optimisation.lr(), bar, log, it + 1)
-            phase_ends = it + 1 < total and method.phase(it + 1) != method.phase(it)
+            phase_ends = it + 1 < end and method.phase(it + 1) != method.phase(it)
             # One-pass statistic estimators (AdaBN) are only their final model after `finalize()`: no mid-pass checks.
             due = ((it + 1) % train.val_every == 0 and not method.one_pass) or phase_ends
-            stop = due and it + 1 < total and selection.check(it + 1)
+            stop = due and it + 1 < end and selection.check(it + 1)
             if due and ddp is not None:  # rank 0 validates; every process follows its decision
                 stop = distributed.broadcast_object(stop)
             periodic = resume is not None and ((it + 1) % resume.every == 0 or phase_ends)
-            if not stop and it + 1 < total and (periodic or SIGNALS.pending is not None):
+            if not stop and it + 1 < end and (periodic or SIGNALS.pending is not None):
                 snapshot(it + 1)
         if stop:
             break
-        if SIGNALS.pending is not None and it + 1 < total:
+        if SIGNALS.pending is not None and it + 1 < end:
             raise interrupted()
     bar.close()
     method.finalize()
