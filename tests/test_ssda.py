@@ -227,6 +227,21 @@ def test_cross_validation_trains_a_fold_per_labelled_case_then_stops_where_the_f
     assert tracker.tags["cv.fold"] == "2/2" and tracker.tags["checkpoint.policy"] == "cross_validation"
 
 
+def test_cross_validation_verdict_ranks_the_twins_only_beyond_its_resolution():
+    from pipelines.ssl import CV_RESOLUTION, cross_validation_verdict
+
+    def result(score: float, iteration: int, cv: bool = True) -> api.TrainResult:
+        summary = {"folds": [{}, {}, {}], "mean_val_dice": [[iteration, score]], "iteration": iteration}
+        return api.TrainResult(Path("x"), Path("x"), None, None, "cross_validation", summary if cv else None)
+
+    verdict = cross_validation_verdict({"supervised": result(0.78, 900), "bcp": result(0.79, 1300)})
+    assert verdict == ("cross-validation (3 folds over the labelled cases): supervised 0.7800 at iteration 900, "
+                       "bcp 0.7900 at iteration 1300; it prefers bcp over supervised")
+    close = cross_validation_verdict({"supervised": result(0.70, 600), "bcp": result(0.70 + CV_RESOLUTION / 2, 700)})
+    assert close.endswith("so the folds do not separate them")
+    assert cross_validation_verdict({"supervised": result(0.7, 600, cv=False), "bcp": result(0.8, 700)}) is None
+
+
 def test_cross_validation_with_one_labelled_case_is_refused_before_training(sites, source, tmp_path):
     cfg = _target_cfg(sites, source, tmp_path, "supervised", ["data.unlabeled=null",
                                                                "train.select_by=cross_validation"])
