@@ -226,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--k", type=int, choices=KS)
-    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--pretrain", type=int, default=200, help="BCP copy-paste pre-training iterations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--source", action="store_true", help="evaluate the source model on each held-out set")
