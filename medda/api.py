@@ -428,7 +428,7 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
 
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper,
-                        phase_from_best=not plan.held_out, stop_at=plan.stop_at)
+                        score_only=bool(plan.held_out), stop_at=plan.stop_at)
         loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
         chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})

@@ -115,7 +115,8 @@ class TrainConfig(Strict):
         None, ge=1, description="torch intra-op CPU threads; None: one per CPU this process may use (affinity, cgroup quota)."
     )
     keep_checkpoints: bool = Field(
-        False, description="Keep every validated checkpoint as it<N>.pt (audit the label-free choice against labels)."
+        False, description="Keep a checkpoint as it<N>.pt every val_every iterations, validated or not (audit the "
+        "label-free choice, or a fixed budget's trajectory, against labels)."
     )
     select_by: Literal["val_dice", "last", "cross_validation", "label_free"] = Field(
         "val_dice",

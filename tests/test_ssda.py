@@ -224,6 +224,7 @@ def test_cross_validation_trains_a_fold_per_labelled_case_then_stops_where_the_f
     assert result.loop.iterations == cv["iteration"]
     assert read_checkpoint(result.checkpoint)["meta"]["iteration"] == cv["iteration"]
     assert (tmp_path / "cv" / "fold1" / "last.pt").exists() and (tmp_path / "cv" / "fold2" / "last.pt").exists()
+    assert not list((tmp_path / "cv").glob("fold*/best.pt"))  # a fold only scores: no model is selected there
     assert tracker.tags["cv.fold"] == "2/2" and tracker.tags["checkpoint.policy"] == "cross_validation"
 
 

@@ -504,8 +504,9 @@ def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
 
 
 def test_loop_cross_validation_fold_switches_from_the_last_weights_and_final_run_stops_early(tmp_path):
-    """A cross-validation fold (`phase_from_best=False`) only scores: BCP's stage 2 starts from the last stage-1
-    weights, as in the final run, which has no validation. `stop_at` ends the run early under the full schedule."""
+    """A cross-validation fold (`score_only=True`) only scores: it writes no best checkpoint, and BCP's stage 2 starts
+    from the last stage-1 weights, as in the final run, which has no validation. `stop_at` ends the run early under
+    the full schedule."""
     import itertools
 
     from medda.config import OptimConfig, TrainConfig
@@ -537,13 +538,43 @@ def test_loop_cross_validation_fold_switches_from_the_last_weights_and_final_run
     result = run_loop(bcp, streams, train, optim, torch.device("cpu"), None, save, validate,
                       log=lambda metrics, it: lrs.extend((it, v) for k, v in metrics.items() if k == "train/lr"),
                       log_every=1,
-                      phase_from_best=False, stop_at=6)
+                      score_only=True, stop_at=6)
     for k, v in snapshots[4].items():  # the last stage-1 weights (iteration 4), not the best (iteration 2)
         assert torch.equal(switch["student"][k], v)
     assert result.iterations == 6 and [h["iteration"] for h in result.history] == [2, 4, 6]
+    assert result.best_path is None and not (tmp_path / "best.pt").exists()
+    assert result.best_iteration == 6 and result.best_score == 0.3  # still scored (stage 2's best: 6, not 2)
     assert read_checkpoint(result.last_path)["meta"]["iteration"] == 6
     # the LR after step 6 is the 8-iteration schedule's, not a schedule that ends at 6
     assert dict(lrs)[6] == pytest.approx(0.01 * lr_factor(6, 8, optim))
+
+
+def test_loop_keeps_a_checkpoint_every_val_every_iterations_without_validation(tmp_path):
+    """`train.keep_checkpoints` without a validator (a fixed-budget run) still keeps the trajectory: it<N> every
+    `val_every` iterations, each the model of that iteration; the run's model is the last one."""
+    import itertools
+
+    from medda.config import OptimConfig, TrainConfig
+    from medda.engine.loop import run_loop
+    from medda.models.factory import read_checkpoint, save_checkpoint
+
+    net = tiny_unet(2)
+    bcp = BCP(net, BCPConfig(pretrain_iterations=2), ctx(2, (8, 8), total=6))
+    b = batch((8, 8))
+    streams = {name: itertools.repeat(b[name]) for name in ("labeled", "unlabeled")}
+
+    def save(tag, it):
+        return save_checkpoint(tmp_path / f"{tag}.pt", bcp.eval_model(), {"iteration": it})
+
+    train = TrainConfig(iterations=6, val_every=2, channels_last=False, amp="off", keep_checkpoints=True)
+    result = run_loop(bcp, streams, train, OptimConfig(name="sgd", lr=0.01), torch.device("cpu"), None, save)
+    assert sorted(p.name for p in tmp_path.glob("it*.pt")) == ["it2.pt", "it4.pt", "it6.pt"]
+    assert [read_checkpoint(tmp_path / f"it{i}.pt")["meta"]["iteration"] for i in (2, 4, 6)] == [2, 4, 6]
+    assert result.best_path is None and not result.history
+    last, kept = read_checkpoint(result.last_path)["state_dict"], read_checkpoint(tmp_path / "it6.pt")["state_dict"]
+    assert all(torch.equal(last[k], kept[k]) for k in last)
+    assert not torch.equal(read_checkpoint(tmp_path / "it2.pt")["state_dict"]["model.0.conv.weight"],
+                           last["model.0.conv.weight"])
 
 
 @pytest.mark.parametrize("method", ["bcp", "mean_teacher"])

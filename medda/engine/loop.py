@@ -88,8 +88,9 @@ def _to_device(batch: dict, device: torch.device, fmt: torch.memory_format | Non
 class _Selection:
     """Validation, checkpoints and the best model so far (restarted at every new phase)."""
 
-    def __init__(self, method: Method, train: TrainConfig, save, validate, log):
+    def __init__(self, method: Method, train: TrainConfig, save, validate, log, score_only: bool = False):
         self.method, self.train, self.save, self.validate, self.log = method, train, save, validate, log
+        self.score_only = score_only  # a cross-validation fold: its scores are the result, its models are not
         self.history: list[dict] = []
         self.stopped = ""
         self.restart()
@@ -99,7 +100,8 @@ class _Selection:
 
     def check(self, it: int) -> bool:
         """Validate at iteration `it`, keep the best checkpoint; True when the validator asks to stop."""
-        if self.validate is None:
+        if self.validate is None:  # no validation: only the kept checkpoints (an audit of the run's trajectory)
+            self.keep(it)
             return False
         model = self.method.model
         modes = {name: m.training for name, m in model.named_modules()}
@@ -113,13 +115,18 @@ class _Selection:
         if result.stop:
             self.stopped = result.reason or "validator asked to stop"
             return True
-        if self.train.keep_checkpoints and it > 0:
-            self.save(f"it{it}", it)
+        self.keep(it)
         if result.score > self.best_score:
             self.best_score, self.best_iteration = result.score, it
+            if self.score_only:
+                return False
             self.best_path = self.save("best", it)
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.method.eval_model().state_dict().items()}
         return False
+
+    def keep(self, it: int) -> None:
+        if self.train.keep_checkpoints and it > 0:
+            self.save(f"it{it}", it)
 
     def state_dict(self) -> dict:
         best_path = str(self.best_path) if self.best_path is not None else None
@@ -202,7 +209,7 @@ def run_loop(
     log_every: int = 10,
     score_initial: bool = False,
     resume: Resume | None = None,
-    phase_from_best: bool = True,
+    score_only: bool = False,
     stop_at: int | None = None,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
@@ -217,8 +224,9 @@ def run_loop(
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
         resume: where to write the resume state, and the state to continue from (`medda.engine.resume`).
-        phase_from_best: a new phase (BCP's self-training) starts from the previous phase's best validated weights;
-            False: from its last weights, as a run without validation does (a cross-validation fold only scores).
+        score_only: validation only scores (a cross-validation fold): no best checkpoint is written or kept, and a new
+            phase (BCP's self-training) starts from the previous phase's last weights, as a run without validation
+            does; otherwise it starts from the previous phase's best validated weights.
         stop_at: stop after this many iterations, the LR schedule still that of `train.iterations` (the final run
             of cross-validation stops at the iteration its folds chose).
 
@@ -231,7 +239,7 @@ def run_loop(
         network.to(device)             # slower convolutions and a 10x slower argmax over its classes
         if fmt is not None:
             network.to(memory_format=fmt)
-    selection = _Selection(method, train, save, validate, log)
+    selection = _Selection(method, train, save, validate, log, score_only)
     start = time.perf_counter()
     previous = resume.loop if resume is not None else None
     if score_initial and previous is None:
@@ -268,7 +276,7 @@ def run_loop(
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
                 phase = method.phase(it)
                 # under torchrun rank 0 validated: every process starts the phase from its best weights
-                best = selection.best_state if phase_from_best else None
+                best = selection.best_state  # None for a score-only run: it goes on from its last weights
                 best = distributed.broadcast_object(best) if ddp is not None else best
                 method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
