@@ -80,10 +80,13 @@ def evaluate(checkpoint: Path, cfg, out: Path) -> dict:
     return result
 
 
+SELECTION_MARKS = {"cross_validation": " cv", "label_free": " label-free"}  # the default, "last", is unmarked
+
+
 def _label(r: dict) -> str:
     """The method and, for a variant, its tag, budget and selection: `bcp [preunmixed]`, `supervised @1800 cv`."""
     budget = f" @{r['iterations']}" if r["iterations"] not in (0, DEFAULT_ITERATIONS) else ""
-    selection = " cv" if r.get("checkpoint_policy") == "cross_validation" else ""
+    selection = SELECTION_MARKS.get(r.get("checkpoint_policy"), "")
     return r["method"] + (f" [{r['tag']}]" if r.get("tag") else "") + budget + selection
 
 
@@ -94,21 +97,21 @@ def _twin_label(r: dict) -> str:
 
 
 def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str | None = None,
-        option: tuple[str, ...] = (), source: Path | None = None, cross_validate: bool = False,
+        option: tuple[str, ...] = (), source: Path | None = None, select_by: str = "last",
         overrides: tuple[str, ...] = ()) -> dict:
     from medda import api
     from medda.runtime import machine_description
 
     name = f"{method}_k{k}" + (f"_seed{seed}" if seed else "") + (f"_{tag}" if tag else "")
     name += f"_it{iterations}" if iterations != DEFAULT_ITERATIONS else ""
-    name += "_cv" if cross_validate else ""
-    extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}"]
-    extra += ["train.select_by=cross_validation"] if cross_validate else []
+    name += {"cross_validation": "_cv", "label_free": "_lf"}.get(select_by, "")
+    extra = [f"method.name={method}", f"train.iterations={iterations}", f"train.seed={seed}",
+             f"train.select_by={select_by}"]
     options = {"pretrain_iterations": str(pretrain)} if method == "bcp" else {}
     options.update(item.split("=", 1) for item in option)
     extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
-    if method == "supervised":
-        extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null"]
+    if method == "supervised":  # with label-free selection its unlabelled images are scored, never trained on
+        extra += ["train.unlabeled_batch_size=null"] + (["data.unlabeled=null"] if select_by != "label_free" else [])
     cfg = config(k, name, [*extra, *overrides], source)
     t0 = time.perf_counter()
     trained = api.train(cfg)
@@ -122,6 +125,7 @@ def run(method: str, k: int, iterations: int, pretrain: int, seed: int, tag: str
         "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
         "source_checkpoint": str(cfg.source_checkpoint), "config_digest": cfg.digest(), "run_id": trained.run_id,
         "cross_validation": trained.cross_validation,
+        "label_free_iteration": trained.loop.best_iteration if trained.selection == "label_free" else None,
         "eval": evaluate(trained.checkpoint, cfg, OUT / name / "eval"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -154,6 +158,8 @@ def table() -> str:
             if r.get("pretrain_iterations") else str(r["iterations"])
         if r.get("cross_validation"):  # the final run stopped where the folds' mean held-out Dice peaked
             iters += f", stopped at {r['cross_validation']['iteration']} by {len(r['cross_validation']['folds'])}-fold cv"
+        if r.get("label_free_iteration"):  # the monitor's best-scoring checkpoint of the run (its final phase)
+            iters += f", checkpoint {r['label_free_iteration']} chosen label-free"
         lines.append(
             f"| {r['k']} | {len(r['evaluated_on'])} images | {label} | {iters} | {r['train_wall_min']} | "
             f"{100 * e['dice/mean']:.1f} | {100 * e['dice/RV']:.1f} | {100 * e['dice/Myo']:.1f} | "
@@ -237,8 +243,12 @@ def main() -> None:
     parser.add_argument("--source-checkpoint", type=Path,
                         help="another source model (default: the config's); use with --results")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where result files go (default %(default)s)")
-    parser.add_argument("--cross-validate", action="store_true",
-                        help="select the checkpoint by cross-validation over the k labelled images (k >= 2)")
+    select = parser.add_mutually_exclusive_group()
+    select.add_argument("--cross-validate", action="store_const", dest="select_by", const="cross_validation",
+                        default="last", help="select the checkpoint by cross-validation over the k labelled images "
+                        "(k >= 2)")
+    select.add_argument("--label-free", action="store_const", dest="select_by", const="label_free",
+                        help="select the checkpoint with the label-free monitor on the unlabelled images")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for this run (e.g. train.compile=true; not part of the run's name)")
     args = parser.parse_args()
@@ -253,7 +263,7 @@ def main() -> None:
         if args.k is None:
             parser.error("--method needs --k")
         r = run(args.method, args.k, args.iterations, args.pretrain, args.seed, args.tag, tuple(args.option),
-                args.source_checkpoint, args.cross_validate, tuple(args.override))
+                args.source_checkpoint, args.select_by, tuple(args.override))
         print(f"{_label(r)} k={args.k}: Dice {100 * r['eval']['plain']['summary']['dice/mean']:.1f} "
               f"on {', '.join(r['evaluated_on'])} ({r['train_wall_min']} min training)")
     if args.table:

@@ -196,20 +196,27 @@ def _refuse_overlap(cases: list[dict], test_cases: list[dict], field: str) -> No
         )
 
 
-def few_label_selection(select_by: str, has_val: bool) -> str:
+def few_label_selection(select_by: str, has_val: bool, can_monitor: bool = False) -> str:
     """The checkpoint rule of a run that trains on labels (README "Model selection with few labels").
 
     With validation cases the rule is `train.select_by` (best validation Dice, or the last checkpoint). Without
     them it is the last checkpoint of the fixed budget (`train.iterations`, the LR schedule ending there): a few
-    labelled target cases are too few to both train and select on, `data.test` is never used for selection, and
-    the label-free rule is for runs without labels.
+    labelled target cases are too few to both train and select on, and `data.test` is never used for selection.
+    Two rules choose without validation cases: `cross_validation` (over the labelled cases) and `label_free` (the
+    label-free monitor on the unlabelled target cases, for a run from a source model: `can_monitor`).
 
     Raises:
-        MeddaError: `select_by` is the label-free rule.
+        MeddaError: `select_by` cannot apply to this run.
     """
     if select_by == "label_free":
-        raise MeddaError("config: field 'train.select_by' is label_free, which is for source-free adaptation; "
-                         "a run that trains on labels selects by val_dice (with data.val), last or cross_validation")
+        if has_val:
+            raise MeddaError("config: field 'train.select_by' is label_free, which chooses without labels; with "
+                             "data.val set, select_by val_dice chooses on those labels")
+        if not can_monitor:
+            raise MeddaError("config: field 'train.select_by' is label_free, which scores the unlabelled target cases "
+                             "of a run from a source model; set source_checkpoint and data.unlabeled, or select_by "
+                             "last or cross_validation")
+        return select_by
     if select_by == "cross_validation":
         if has_val:
             raise MeddaError("config: field 'train.select_by' is cross_validation, which holds out the labelled cases "
@@ -344,10 +351,11 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     _refuse_overlap(labeled, test_cases, "train")
     _refuse_overlap(val_cases, test_cases, "val")
     # a fold scores its held-out cases but keeps its last checkpoint, as the final run will
-    selection = "last" if plan.held_out else few_label_selection(cfg.train.select_by, bool(val_cases))
+    can_monitor = source_meta is not None and cfg.data.unlabeled is not None
+    selection = "last" if plan.held_out else few_label_selection(cfg.train.select_by, bool(val_cases), can_monitor)
     streams, lengths = {}, {}
     unlabeled: list[dict] = []
-    if "unlabeled" in cls.streams:
+    if "unlabeled" in cls.streams or selection == "label_free":  # label_free: monitored, trained on only by SSL
         labeled_ids = {c["id"] for c in labeled}
         # Labelled cases are never also drawn as unlabelled ones (one pool per case, as in the SSL literature).
         unlabeled = [c for c in data.cases(cfg.data.unlabeled, "unlabeled") if c["id"] not in labeled_ids]
@@ -382,6 +390,10 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     # The class prior of the labelled data in the training geometry travels with the checkpoint (adaptation).
     class_prior = measure_class_prior(data.card, cfg.data, labeled, data.card_path)
     prior = Prior.from_record(class_prior, data.card.class_names, "train")
+    if selection == "label_free" and main:  # the labelled cases' own class ratios are the prior of the KL term
+        no_flips = cfg.inference.model_copy(update={"tta_flips": False})
+        validate = LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
+                                      data, unlabeled, torch.tensor(prior.marginal), snapshot_bn(model), cfg.selection)
     context = _method_context(cfg, num_classes, prior, cfg.train.iterations)
     method = _build_method(cfg, model, context)
     out = cfg.output_dir
@@ -414,6 +426,8 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
             roles = {labeled_role: labeled, **({"val": val_cases} if val_cases else {})}
             if "unlabeled" in streams:
                 roles["train-unlabeled"] = unlabeled
+            elif selection == "label_free":
+                roles[lineage.MONITOR] = unlabeled
             _log_inputs(tracker, data, roles)
 
         def save(tag: str, iteration: int) -> Path:
@@ -428,9 +442,12 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
 
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper,
-                        score_only=bool(plan.held_out), stop_at=plan.stop_at)
+                        score_only=bool(plan.held_out), phase_from_best=selection != "label_free",
+                        stop_at=plan.stop_at)
         loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
-        chosen = loop.best_path if (selection == "val_dice" and loop.best_path) else loop.last_path
+        chosen = loop.best_path if (selection in ("val_dice", "label_free") and loop.best_path) else loop.last_path
+        if selection == "label_free" and main:
+            tracker.log_json(validate.state.history, "monitoring/label_free.json")
         tracker.log_metrics({"best_iteration": loop.best_iteration, "train_seconds": loop.seconds})
         tracker.set_tags({"checkpoint.selected": chosen.name})
         if cfg.tracking.log_checkpoint:

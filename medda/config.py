@@ -121,7 +121,8 @@ class TrainConfig(Strict):
     select_by: Literal["val_dice", "last", "cross_validation", "label_free"] = Field(
         "val_dice",
         description="Checkpoint policy: best validation Dice, the last one, the iteration that cross-validation over "
-        "the labelled cases (data.train) chooses, or the label-free rule (adaptation).",
+        "the labelled cases (data.train) chooses, or the label-free rule (adaptation, and training from a source "
+        "model with unlabelled target cases).",
     )
     cv_folds: int = Field(
         5, ge=2, description="select_by=cross_validation: at most this many folds (leave-one-out with fewer labelled "

@@ -21,6 +21,7 @@ TRAIN_UNLABELED = "train-unlabeled"
 VALIDATION = "val"  # checkpoint selection by Dice
 TARGET_ADAPT = "target-adapt"  # unlabelled target cases of an adaptation
 TARGET_LABELED = "target-labeled"  # labelled target cases (few-shot fine-tuning; not source-free)
+MONITOR = "monitor"  # unlabelled target cases the label-free monitor scores (select_by=label_free), never trained on
 EVALUATION = "eval"
 TRAINING_CONTEXTS = (SOURCE_TRAIN, TRAIN_LABELED, TRAIN_UNLABELED, TARGET_LABELED)
 

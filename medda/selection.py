@@ -245,7 +245,7 @@ def cross_validation_folds(cases: list[dict], folds: int) -> list[list[dict]]:
     if len(cases) < 2:
         raise MeddaError(f"config: field 'train.select_by' is cross_validation, which needs at least 2 labelled cases "
                          f"in data.train (found {len(cases)}); with one, select_by last keeps the fixed budget's "
-                         "last checkpoint")
+                         "last checkpoint, and label_free (from a source model) scores the unlabelled cases")
     n = min(folds, len(cases))
     return [cases[i::n] for i in range(n)]
 

@@ -66,7 +66,8 @@ def train(config: ConfigPath, overrides: Overrides = None, resume: Resume = Fals
             return
         typer.echo(f"trained {cfg.method.name}: {result.loop.iterations} iterations in {result.loop.seconds:.0f} s")
         if result.loop.best_iteration >= 0:
-            typer.echo(f"best validation Dice {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
+            what = "label-free score" if result.selection == "label_free" else "validation Dice"
+            typer.echo(f"best {what} {result.loop.best_score:.4f} at iteration {result.loop.best_iteration}")
         if result.cross_validation is not None:
             cv = result.cross_validation
             best = dict(cv["mean_val_dice"])[cv["iteration"]]

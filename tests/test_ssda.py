@@ -158,6 +158,19 @@ def test_train_ssl_from_source_evaluates_the_source_its_fine_tune_and_the_ssl_ru
     assert heads == ["source (no training", "supervised (last", "mean_teacher (last"]
 
 
+def test_train_ssl_with_label_free_selection_prints_the_monitor_verdict(sites, source, tmp_path):
+    echoed: list[str] = []
+    cfg = _target_cfg(sites, source, tmp_path, "mean_teacher", ["train.iterations=4", "train.val_every=2",
+                                                                "train.select_by=label_free", "selection.cases=1"])
+    results = run_ssl_with_twin(cfg, [], echoed.append)
+    assert all(r.selection == "label_free" for r in results.values())
+    assert sum(text.startswith("label-free score on the unlabelled cases: supervised ") for text in echoed) == 1
+    heads = [text.strip().split(",")[0] for text in echoed if not text.startswith("label-free")]
+    for name, result in results.items():  # the chosen checkpoint is evaluated under its policy's name
+        policy = "label_free" if result.checkpoint != result.last else "last"
+        assert f"{name} ({policy}" in heads
+
+
 def test_selection_without_validation_never_reads_the_test_cases(sites, tmp_path, monkeypatch):
     opened: list[str] = []
     original = NibabelReader.read
@@ -179,10 +192,53 @@ def test_few_label_selection_rule():
     assert api.few_label_selection("last", has_val=True) == "last"
     assert api.few_label_selection("val_dice", has_val=False) == "last"
     assert api.few_label_selection("cross_validation", has_val=False) == "cross_validation"
-    with pytest.raises(MeddaError, match="train.select_by' is label_free"):
-        api.few_label_selection("label_free", has_val=True)
+    assert api.few_label_selection("label_free", has_val=False, can_monitor=True) == "label_free"
+    with pytest.raises(MeddaError, match="train.select_by' is label_free, which chooses without labels; with data.val"):
+        api.few_label_selection("label_free", has_val=True, can_monitor=True)
+    with pytest.raises(MeddaError, match="scores the unlabelled target cases of a run from a source model"):
+        api.few_label_selection("label_free", has_val=False)
     with pytest.raises(MeddaError, match="holds out the labelled cases of data.train in turn; set data.val to null"):
         api.few_label_selection("cross_validation", has_val=True)
+
+
+def test_label_free_selection_keeps_the_stage_2_checkpoint_the_monitor_scores_best(sites, source, tmp_path):
+    """select_by=label_free (a source model, one labelled case, unlabelled cases): the label-free monitor scores the
+    unlabelled cases every val_every iterations with the labelled case's class ratios as its prior; the chosen
+    checkpoint is the best-scoring one of BCP's stage 2, which starts from the last stage-1 weights."""
+    tracker = RecordingTracker()
+    cfg = _target_cfg(sites, source, tmp_path, "bcp", [
+        "data.augment=false", "method.options.pretrain_iterations=4", "train.iterations=12", "train.val_every=2",
+        "train.select_by=label_free", "selection.cases=2",
+    ])
+    result = api.train(cfg, tracker=tracker)
+    history = result.loop.history
+    assert [h["iteration"] for h in history] == [2, 4, 6, 8, 10, 12]
+    stage_2 = [h for h in history if h["iteration"] > 4]  # the selection restarts with the phase
+    best = max(stage_2, key=lambda h: (h["val/score"], -h["iteration"]))
+    assert result.selection == "label_free" and tracker.tags["checkpoint.policy"] == "label_free"
+    assert result.loop.best_iteration == best["iteration"] and result.checkpoint.name == "best.pt"
+    assert read_checkpoint(result.checkpoint)["meta"]["iteration"] == best["iteration"]
+    for h in history:  # flip consistency minus the KL to the labelled case's ratios, as in `medda adapt`
+        assert h["val/score"] == pytest.approx(h["monitor/flip_consistency"] - h["monitor/prior_kl"])
+    labelled = api.Data.load(cfg.data).cases(cfg.data.train, "train")
+    assert tracker.contexts == {"train-labeled": 1, "train-unlabeled": 3}
+    assert read_checkpoint(result.checkpoint)["meta"]["class_prior"]["cases"] == len(labelled)
+
+
+def test_label_free_selection_of_a_fine_tune_only_monitors_the_unlabelled_cases(sites, source, tmp_path):
+    tracker = RecordingTracker()
+    cfg = _target_cfg(sites, source, tmp_path, "supervised", ["train.iterations=4", "train.val_every=2",
+                                                              "train.select_by=label_free", "selection.cases=1"])
+    result = api.train(cfg, tracker=tracker)
+    assert tracker.contexts == {"target-labeled": 1, "monitor": 3}  # monitored, never trained on
+    assert result.selection == "label_free" and [h["iteration"] for h in result.loop.history] == [2, 4]
+
+
+def test_label_free_selection_without_a_source_model_is_refused_before_training(sites, tmp_path):
+    cfg = _target_cfg(sites, None, tmp_path, "bcp", ["train.select_by=label_free"])
+    with pytest.raises(MeddaError, match="label_free, which scores the unlabelled target cases") as err:
+        api.train(cfg)
+    assert "\n" not in str(err.value) and not any(tmp_path.iterdir())
 
 
 def test_cross_validation_folds_hold_out_every_case_once():
@@ -241,6 +297,22 @@ def test_cross_validation_verdict_ranks_the_twins_only_beyond_its_resolution():
     close = cross_validation_verdict({"supervised": result(0.70, 600), "bcp": result(0.70 + CV_RESOLUTION / 2, 700)})
     assert close.endswith("so the folds do not separate them")
     assert cross_validation_verdict({"supervised": result(0.7, 600, cv=False), "bcp": result(0.8, 700)}) is None
+
+
+def test_label_free_verdict_ranks_the_twins_only_beyond_the_margin():
+    from medda.engine.loop import LoopResult
+    from pipelines.ssl import label_free_verdict
+
+    def result(score: float, iteration: int, selection: str = "label_free") -> api.TrainResult:
+        loop = LoopResult(1800, Path("best.pt"), Path("last.pt"), iteration, score, [], "", 1.0)
+        return api.TrainResult(Path("best.pt"), Path("last.pt"), loop, None, selection)
+
+    verdict = label_free_verdict({"supervised": result(0.792, 1800), "bcp": result(0.761, 700)}, 0.005)
+    assert verdict == ("label-free score on the unlabelled cases: supervised 0.7920 at iteration 1800, bcp 0.7610 at "
+                       "iteration 700; it prefers supervised over bcp")
+    close = label_free_verdict({"supervised": result(0.760, 900), "bcp": result(0.764, 700)}, 0.005)
+    assert close.endswith("within 0.005, so it ranks neither")
+    assert label_free_verdict({"supervised": result(0.7, 6, "last"), "bcp": result(0.8, 7)}, 0.005) is None
 
 
 def test_cross_validation_with_one_labelled_case_is_refused_before_training(sites, source, tmp_path):

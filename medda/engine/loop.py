@@ -210,6 +210,7 @@ def run_loop(
     score_initial: bool = False,
     resume: Resume | None = None,
     score_only: bool = False,
+    phase_from_best: bool = True,
     stop_at: int | None = None,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
@@ -224,9 +225,10 @@ def run_loop(
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
         resume: where to write the resume state, and the state to continue from (`medda.engine.resume`).
-        score_only: validation only scores (a cross-validation fold): no best checkpoint is written or kept, and a new
-            phase (BCP's self-training) starts from the previous phase's last weights, as a run without validation
-            does; otherwise it starts from the previous phase's best validated weights.
+        score_only: validation only scores (a cross-validation fold): no best checkpoint is written or kept, so a new
+            phase starts from the previous phase's last weights, as in a run without validation.
+        phase_from_best: a new phase (BCP's self-training) starts from the previous phase's best validated weights;
+            False: from its last weights (label-free selection, whose scores rank a phase's own checkpoints only).
         stop_at: stop after this many iterations, the LR schedule still that of `train.iterations` (the final run
             of cross-validation stops at the iteration its folds chose).
 
@@ -276,7 +278,7 @@ def run_loop(
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
                 phase = method.phase(it)
                 # under torchrun rank 0 validated: every process starts the phase from its best weights
-                best = selection.best_state  # None for a score-only run: it goes on from its last weights
+                best = selection.best_state if phase_from_best else None  # None: from the last weights
                 best = distributed.broadcast_object(best) if ddp is not None else best
                 method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)
