@@ -113,6 +113,34 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+def verdicts(results: Path = RESULTS, margin: float = 0.005) -> str:
+    """Per k and seed, BCP against its fine-tune twin, both selected label-free: held-out Dice of each choice, and
+    what the monitor's verdict (`medda train-ssl`, `selection.margin`) would have said from the unlabelled images."""
+    runs = {}
+    for path in results.glob("trajectory_*.json"):
+        r = json.loads(path.read_text(encoding="utf-8"))
+        runs[(r["k"], r["seed"], r["method"])] = r
+    head = ("| k | seed | bcp: Dice, score | fine-tune: Dice, score | bcp - fine-tune (held-out) | "
+            "the monitor prefers | right? (under 0.5 Dice apart: either answer) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for k, seed in sorted({(k, seed) for k, seed, _ in runs}):
+        if (k, seed, "bcp") not in runs or (k, seed, "supervised") not in runs:
+            continue
+        chosen = {}
+        for method in ("bcp", "supervised"):
+            r = runs[(k, seed, method)]
+            t = {t["iteration"]: t for t in r["trajectory"]}[label_free_choice(r)]
+            chosen[method] = (100 * t["held_out"]["dice"], _score(t))
+        (dice_b, score_b), (dice_s, score_s) = chosen["bcp"], chosen["supervised"]
+        prefers = "neither" if abs(score_b - score_s) <= margin else ("bcp" if score_b > score_s else "fine-tune")
+        diff = dice_b - dice_s
+        right = ("abstains" if prefers == "neither" else
+                 "yes" if (prefers == "bcp") == (diff > 0) or abs(diff) < 0.5 else "no")
+        lines.append(f"| {k} | {seed} | {dice_b:.1f}, {score_b:.3f} | {dice_s:.1f}, {score_s:.3f} | {diff:+.1f} | "
+                     f"{prefers} | {right} |")
+    return "\n".join(lines)
+
+
 def _spearman(x: list[float], y: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -130,7 +158,7 @@ def main() -> int:
     parser.add_argument("--pretrain", type=int, default=600)
     args = parser.parse_args()
     if args.table:
-        print(table())
+        print(table() + "\n\n" + verdicts())
         return 0
 
     from medda import api
@@ -138,7 +166,7 @@ def main() -> int:
 
     name = f"trajectory_{args.method}_k{args.k}" + (f"_seed{args.seed}" if args.seed else "") + f"_it{args.iterations}"
     extra = [f"method.name={args.method}", f"train.iterations={args.iterations}", f"train.seed={args.seed}",
-             "train.keep_checkpoints=true", "train.compile=true"]
+             "train.keep_checkpoints=true", "train.compile=true", "train.select_by=last"]  # the fixed-budget run
     if args.method == "bcp":
         extra.append(f"method.options={{pretrain_iterations: {args.pretrain}, pretrain_loss: unmixed}}")
     else:  # the twin trains on the labelled images alone; the unlabelled ones are only scored, after the run

@@ -4,7 +4,8 @@ Every run starts from the bSSFP source checkpoint and trains with configs/mscmr_
 labelled LGE images (subject1, 29, 36, 41, 8: the order of the source-free benchmark's few-shot rows) and, for mean
 teacher and BCP, the 25 unlabelled LGE images. `supervised` is the plain few-shot fine-tune (the twin: same data,
 budget, optimiser and seed). The last checkpoint of the fixed budget is evaluated (no validation images exist to
-choose another) on the other 5 - k labelled images, which no run has seen, with and without largest-component
+choose another; `--cross-validate` and `--label-free` choose one by those rules instead, docs/methods.md section 8)
+on the other 5 - k labelled images, which no run has seen, with and without largest-component
 post-processing. Dice in %, HD95 in mm from the files' spacing. Development check only: 4, 3 or 2 images.
 
 Usage (repository root; data only through MEDDA_DATA_ROOT; one process per run, one torch thread each):
@@ -35,7 +36,7 @@ RESULTS = REPO / "benchmarks" / "results"
 OUT = REPO / "benchmarks" / "out" / "lge_ssda"
 LABELLED = ("subject1", "subject29", "subject36", "subject41", "subject8")
 KS = (1, 2, 3)
-DEFAULT_ITERATIONS = 600  # the recipe's budget (configs/mscmr_lge_ssda.yaml)
+DEFAULT_ITERATIONS = 600  # the first recipe's budget (the config's own is 1800, label-free)
 METHODS = ("supervised", "mean_teacher", "bcp")
 
 

@@ -60,21 +60,6 @@ def cross_validation_verdict(results: dict[str, api.TrainResult]) -> str | None:
     return f"cross-validation ({folds} folds over the labelled cases): {listed}; it prefers {best} over {other}"
 
 
-def label_free_verdict(results: dict[str, api.TrainResult], margin: float) -> str | None:
-    """What the label-free monitor says of the semi-supervised run against its twin (`train.select_by=label_free`):
-    both score the same unlabelled cases against the same labelled-case prior, so their chosen checkpoints' scores
-    compare; a difference within `margin` (`selection.margin`, the rule's own threshold) ranks neither. None unless
-    both runs were selected label-free."""
-    if any(r.selection != "label_free" or r.loop.best_iteration < 0 for r in results.values()):
-        return None
-    scores = {name: (r.loop.best_score, r.loop.best_iteration) for name, r in results.items()}
-    (best, (a, _)), (other, (b, _)) = sorted(scores.items(), key=lambda item: -item[1][0])
-    listed = ", ".join(f"{name} {score:.4f} at iteration {it}" for name, (score, it) in scores.items())
-    if a - b <= margin:
-        return f"label-free score on the unlabelled cases: {listed}; within {margin}, so it ranks neither"
-    return f"label-free score on the unlabelled cases: {listed}; it prefers {best} over {other}"
-
-
 def run_ssl_with_twin(
     cfg: RunConfig, outputs: list[Path], echo: Callable[[str], None], evaluate: bool = True, resume: bool = False
 ) -> dict[str, api.TrainResult]:
@@ -104,9 +89,11 @@ def _run_ssl_with_twin(cfg: RunConfig, outputs: list[Path], echo: Callable[[str]
     resume_ssl = resume and (ssl_cfg.output_dir / RESUME_FILE).exists()
     results[cfg.method.name] = api.train(ssl_cfg, tags={"ssl.role": "ssl", "parent.run_id": twin.run_id or ""},
                                          resume=resume_ssl)
-    for verdict in (cross_validation_verdict(results), label_free_verdict(results, cfg.selection.margin)):
-        if verdict:
-            echo(verdict)
+    # No such verdict from the label-free scores: they rank one run's checkpoints, not two methods (BENCHMARKS.md,
+    # "The k = 1 drift, seen without labels": the fine-tune scores higher even where BCP is 3 Dice better).
+    verdict = cross_validation_verdict(results)
+    if verdict:
+        echo(verdict)
     if not evaluate:
         return results
     if cfg.data.test is None:
