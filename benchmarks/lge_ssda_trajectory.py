@@ -1,21 +1,22 @@
 """Where does BCP from the source model drift with one labelled LGE image? (issue 12; BENCHMARKS.md, "The k = 1
-drift along the run").
+drift, seen without labels").
 
-Trains BCP [preunmixed] from the bSSFP source model on k labelled LGE images for a fixed budget (the recipe of
-`run_ssda_benchmark.py`, last checkpoint), keeping a checkpoint every `train.val_every` iterations
+Trains BCP [preunmixed] (or its few-shot fine-tune twin) from the bSSFP source model on k labelled LGE images for a
+fixed budget (the recipe of `run_ssda_benchmark.py`, last checkpoint), keeping a checkpoint every `train.val_every` iterations
 (`train.keep_checkpoints`; nothing is validated, so the run is the fixed-budget run itself). Each kept checkpoint is
 then scored twice:
 
 - with labels, on the 5 - k held-out labelled images (analysis only: no run or rule is chosen on them);
-- without labels, on the 25 unlabelled LGE images the run trains on: the label-free monitor's statistics of
-  `medda adapt` (entropy, flip consistency, predicted class ratios, docs/methods.md section 7) and the class-ratio KL
-  against the k labelled images' own marginal class ratios, the one prior such a site has.
+- without labels, on the 25 unlabelled LGE images the run trains on: the label-free monitor of `medda adapt`
+  (entropy, flip consistency, predicted class ratios, docs/methods.md section 7) with the k labelled images' own
+  marginal class ratios as its prior, exactly as `train.select_by=label_free` scores a run.
 
 The question it answers: does any label-free statistic move with the held-out Dice when stage 2 drifts, so that a
 stopping rule for k = 1 (where cross-validation is impossible) could be built on it?
 
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/lge_ssda_trajectory.py [--method supervised] --k 1 [--seed 1]
     .venv/bin/python benchmarks/lge_ssda_trajectory.py --table
+    .venv/bin/python benchmarks/lge_ssda_trajectory.py --steps trajectory_bcp_k1_it1800   # one run, every checkpoint
 """
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ RESULTS = ssda.REPO / "benchmarks" / "results" / "lge_ssda_source2"
 
 
 def label_free_scorer(cfg, labelled_prior):
-    """score(checkpoint) -> the label-free statistics of a model on the unlabelled LGE images."""
+    """score(checkpoint) -> the label-free statistics and score of a model on the unlabelled LGE images, from the
+    monitor `train.select_by=label_free` uses, with the same prior."""
     import torch
 
     from medda.api import PREPROCESSING_FIELDS
     from medda.data.loading import Data
     from medda.inference import Predictor
-    from medda.methods.losses import kl_divergence
     from medda.models.factory import load_model
     from medda.runtime import Runtime
     from medda.selection import LabelFreeValidator, snapshot_bn
@@ -51,16 +52,12 @@ def label_free_scorer(cfg, labelled_prior):
     no_flips = cfg.inference.model_copy(update={"tta_flips": False})
     selection = cfg.selection.model_copy(update={"cases": len(cases)})
     monitor = LabelFreeValidator(lambda m: Predictor.on(runtime, m, data_cfg, no_flips, False), data, cases,
-                                 None, snapshot_bn(source), selection)
-    prior = torch.tensor(labelled_prior)
+                                 torch.tensor(labelled_prior), snapshot_bn(source), selection)
 
     def score(checkpoint: Path, iteration: int) -> dict:
         model, _ = load_model(checkpoint)
         monitor(model, iteration)
-        stats = dict(monitor.state.history[-1])
-        ratios = torch.tensor([stats[f"ratio/{c}"] for c in range(len(labelled_prior))])
-        stats["labelled_prior_kl"] = float(kl_divergence(ratios, prior))
-        return stats
+        return dict(monitor.state.history[-1])
 
     return score
 
@@ -80,14 +77,28 @@ def labelled_ratios(cfg) -> list[float]:
 
 
 def label_free_choice(r: dict) -> int:
-    """The iteration `train.select_by=label_free` keeps: the best `flip consistency - KL(ratios || labelled ratios)`
-    among the final phase's checks (BCP: after stage 1), the earliest of equal ones, as the loop keeps it."""
+    """The iteration `train.select_by=label_free` keeps: the best monitor score (`flip consistency - KL(ratios ||
+    labelled ratios)`) among the final phase's checks (BCP: after stage 1), the earliest of equal ones, as the loop
+    keeps it."""
     candidates = [t for t in r["trajectory"] if t["iteration"] > (r.get("pretrain_iterations") or 0)]
     return max(candidates, key=lambda t: (_score(t), -t["iteration"]))["iteration"]
 
 
 def _score(t: dict) -> float:
-    return t["label_free"]["flip_consistency"] - t["label_free"]["labelled_prior_kl"]
+    return t["label_free"]["score"]
+
+
+def steps(name: str, results: Path = RESULTS) -> str:
+    """One trajectory, every kept checkpoint: held-out Dice (and RV Dice) against the label-free statistics."""
+    r = json.loads((results / f"{name}.json").read_text(encoding="utf-8"))
+    head = ("| iteration | held-out Dice | RV Dice | flip consistency (unlabelled) | predicted RV ratio (unlabelled) | "
+            "label-free score |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for t in r["trajectory"]:
+        h, f = t["held_out"], t["label_free"]
+        lines.append(f"| {t['iteration']} | {100 * h['dice']:.1f} | {100 * h['per_class']['RV']:.1f} | "
+                     f"{f['flip_consistency']:.3f} | {100 * f['ratio/1']:.2f}% | {f['score']:.4f} |")
+    return "\n".join(lines)
 
 
 def table(results: Path = RESULTS) -> str:
@@ -150,6 +161,7 @@ def _spearman(x: list[float], y: list[float]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="print the table of the saved trajectories and exit")
+    parser.add_argument("--steps", metavar="NAME", help="print every checkpoint of one saved trajectory and exit")
     parser.add_argument("--method", choices=("bcp", "supervised"), default="bcp",
                         help="bcp [preunmixed] or its few-shot fine-tune twin (same budget, no unlabelled images)")
     parser.add_argument("--k", type=int, choices=ssda.KS, default=1)
@@ -159,6 +171,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.table:
         print(table() + "\n\n" + verdicts())
+        return 0
+    if args.steps:
+        print(steps(args.steps))
         return 0
 
     from medda import api

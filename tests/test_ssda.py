@@ -224,7 +224,21 @@ def test_label_free_selection_keeps_the_stage_2_checkpoint_the_monitor_scores_be
         assert h["val/score"] == pytest.approx(h["monitor/flip_consistency"] - h["monitor/prior_kl"])
     labelled = api.Data.load(cfg.data).cases(cfg.data.train, "train")
     assert tracker.contexts == {"train-labeled": 1, "train-unlabeled": 3}
-    assert read_checkpoint(result.checkpoint)["meta"]["class_prior"]["cases"] == len(labelled)
+    class_prior = read_checkpoint(result.checkpoint)["meta"]["class_prior"]
+    assert class_prior["cases"] == len(labelled)
+    # the KL is taken to the labelled case's marginal class ratios (not the source model's prior)
+    from medda.methods.losses import kl_divergence
+
+    marginal = torch.tensor([class_prior["marginal"][name] for name in class_prior["marginal"]])
+    source_marginal = read_checkpoint(source)["meta"]["class_prior"]["marginal"]
+    assert list(class_prior["marginal"].values()) != list(source_marginal.values())
+    source_tensor = torch.tensor(list(source_marginal.values()))
+    to_source = []
+    for h in history:  # (the checkpoint's prior is stored rounded to 6 decimals)
+        ratios = torch.tensor([h[f"monitor/ratio/{c}"] for c in range(len(marginal))])
+        assert h["monitor/prior_kl"] == pytest.approx(float(kl_divergence(ratios, marginal)), rel=2e-3)
+        to_source.append(abs(h["monitor/prior_kl"] / float(kl_divergence(ratios, source_tensor)) - 1))
+    assert max(to_source) > 1e-2  # the source model's prior would have given other values
 
 
 def test_label_free_selection_of_a_fine_tune_only_monitors_the_unlabelled_cases(sites, source, tmp_path):
