@@ -17,6 +17,8 @@ stopping rule for k = 1 (where cross-validation is impossible) could be built on
     MEDDA_DATA_ROOT=/path/to/data .venv/bin/python benchmarks/lge_ssda_trajectory.py [--method supervised] --k 1 [--seed 1]
     .venv/bin/python benchmarks/lge_ssda_trajectory.py --table
     .venv/bin/python benchmarks/lge_ssda_trajectory.py --steps trajectory_bcp_k1_it1800   # one run, every checkpoint
+    ... --k 1 --tag teval --option teacher_mode=eval     # a BCP variant: one option changed (BENCHMARKS.md, "What
+                                                         # drives the k = 1 drift")
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def table(results: Path = RESULTS) -> str:
         rv = [r["labelled_prior"][1], by_it[chosen]["label_free"]["ratio/1"], by_it[last]["label_free"]["ratio/1"]]
         budget = f"{r['pretrain_iterations']} + {r['iterations'] - r['pretrain_iterations']}" \
             if r.get("pretrain_iterations") else str(r["iterations"])
-        name = f"k={r['k']} {r['method']} ({budget}) seed {r['seed']}"
+        tag = f" [{r['tag']}]" if r.get("tag") else ""
+        name = f"k={r['k']} {r['method']}{tag} ({budget}) seed {r['seed']}"
         lines.append(f"| {name} | {dice[last]:.1f} | {dice[chosen]:.1f} ({chosen}) | {dice[best]:.1f} ({best}) | "
                      f"{rho:+.2f} | {' / '.join(f'{100 * v:.2f}%' for v in rv)} |")
     return "\n".join(lines)
@@ -130,7 +133,8 @@ def verdicts(results: Path = RESULTS, margin: float = 0.005) -> str:
     runs = {}
     for path in results.glob("trajectory_*.json"):
         r = json.loads(path.read_text(encoding="utf-8"))
-        runs[(r["k"], r["seed"], r["method"])] = r
+        if not r.get("tag"):  # the recipe's twins only
+            runs[(r["k"], r["seed"], r["method"])] = r
     head = ("| k | seed | bcp: Dice, score | fine-tune: Dice, score | bcp - fine-tune (held-out) | "
             "the monitor prefers | right? (under 0.5 Dice apart: either answer) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -168,7 +172,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iterations", type=int, default=1800)
     parser.add_argument("--pretrain", type=int, default=600)
+    parser.add_argument("--tag", help="a BCP variant's name: trains into trajectory_bcp_TAG_k<k>...")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a BCP option of the variant, on top of the recipe's (repeatable; needs --tag)")
     args = parser.parse_args()
+    if bool(args.option) != bool(args.tag) or (args.tag and args.method != "bcp"):
+        parser.error("a BCP variant takes both --tag and --option (and --method bcp)")
+    if any("=" not in item for item in args.option):
+        parser.error("--option takes KEY=VALUE")
     if args.table:
         print(table() + "\n\n" + verdicts())
         return 0
@@ -179,11 +190,14 @@ def main() -> int:
     from medda import api
     from medda.runtime import machine_description
 
-    name = f"trajectory_{args.method}_k{args.k}" + (f"_seed{args.seed}" if args.seed else "") + f"_it{args.iterations}"
+    method = args.method + (f"_{args.tag}" if args.tag else "")
+    name = f"trajectory_{method}_k{args.k}" + (f"_seed{args.seed}" if args.seed else "") + f"_it{args.iterations}"
     extra = [f"method.name={args.method}", f"train.iterations={args.iterations}", f"train.seed={args.seed}",
              "train.keep_checkpoints=true", "train.compile=true", "train.select_by=last"]  # the fixed-budget run
     if args.method == "bcp":
-        extra.append(f"method.options={{pretrain_iterations: {args.pretrain}, pretrain_loss: unmixed}}")
+        options = {"pretrain_iterations": str(args.pretrain), "pretrain_loss": "unmixed"}
+        options.update(item.split("=", 1) for item in args.option)
+        extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     else:  # the twin trains on the labelled images alone; the unlabelled ones are only scored, after the run
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null", "method.options={}"]
     cfg = ssda.config(args.k, name, extra)
@@ -200,7 +214,7 @@ def main() -> int:
         trajectory.append({"iteration": it, "label_free": score(path, it), "held_out": _held_out(path, cfg, path.stem)})
         print(f"it {it}: held-out Dice {trajectory[-1]['held_out']['dice']:.3f}", flush=True)
     result = {
-        "method": args.method, "k": args.k, "seed": args.seed, "iterations": args.iterations,
+        "method": args.method, "tag": args.tag, "options": list(args.option), "k": args.k, "seed": args.seed, "iterations": args.iterations,
         "pretrain_iterations": args.pretrain if args.method == "bcp" else None,
         "trained_on": list(ssda.LABELLED[:args.k]), "evaluated_on": list(ssda.LABELLED[args.k:]),
         "labelled_prior": prior, "train_wall_min": round(train_wall / 60, 1), "run_id": trained.run_id,

@@ -442,7 +442,8 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
 
         loop = run_loop(method, streams, cfg.train, _method_optim(cfg), runtime.device, runtime.amp, save, validate,
                         tracker.log_metrics, one_pass_length=max(lengths.values()), resume=keeper,
-                        score_only=bool(plan.held_out), phase_from_best=selection != "label_free",
+                        validation_use="score" if plan.held_out else
+                        "select_in_phase" if selection == "label_free" else "select",
                         stop_at=plan.stop_at)
         loop = distributed.broadcast_object(loop)  # rank 0's validation history and selection, on every process
         chosen = loop.best_path if (selection in ("val_dice", "label_free") and loop.best_path) else loop.last_path

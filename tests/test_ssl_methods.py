@@ -432,6 +432,73 @@ def test_bcp_pseudo_confidence_only_narrows_the_pseudo_labelled_terms():
     assert some.loss.item() != pytest.approx(reference.loss.item(), rel=1e-4)
 
 
+class FixedLogits(nn.Module):
+    """A teacher whose logits are log(probs) for every input: softmax gives `probs` back exactly."""
+
+    def __init__(self, probs: torch.Tensor):  # (K, *S)
+        super().__init__()
+        self.logits = probs.log()
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], *self.logits.shape)
+
+
+def test_bcp_distribution_alignment_hand_values_window_and_resume():
+    """distribution_alignment (a medda option): P -> normalise(P * r_l / r_t) before the argmax, r_l the labelled
+    class ratios and r_t the teacher's mean probabilities, each averaged over the last `alignment_window` steps."""
+    p1 = torch.tensor([0.3, 0.45, 0.6, 0.1])  # the teacher's class-1 probability on a 1 x 4 image
+    teacher = FixedLogits(torch.stack([1 - p1, p1]).view(2, 1, 4))
+    y_half = torch.tensor([[[0, 1, 1, 0]], [[1, 1, 0, 0]]])  # labelled targets: class 1 is half the voxels
+    x = torch.zeros(1, 1, 1, 4)
+
+    def method(**options):
+        bcp = BCP(tiny_unet(2, k=2), BCPConfig(pretrain_iterations=0, lcc=False, **options), ctx(2, (1, 4), k=2))
+        bcp.teacher = teacher
+        return bcp
+
+    reference = method()._pseudo_labels((x, x), y_half)
+    assert reference[0][0].tolist() == [[[0, 0, 1, 0]]]  # the plain argmax: only p = 0.6 is class 1
+    bcp = method(distribution_alignment=True, pseudo_confidence=0.5)
+    (label_a, keep_a), (label_b, _) = bcp._pseudo_labels((x, x), y_half)
+    # r_l = (0.5, 0.5); r_t = (0.6375, 0.3625), the mean of P over both halves' voxels
+    factor = torch.tensor([0.5 / 0.6375, 0.5 / 0.3625])
+    assert torch.allclose(bcp.alignment_factor, factor)
+    assert label_a.tolist() == label_b.tolist() == [[[0, 1, 1, 0]]]  # 0.45 * 1.379 > 0.55 * 0.784
+    # the kept mask is judged on the aligned probability of the final label: 0.45 -> 0.590, 0.3 -> 0.549 (class 0)
+    aligned_top = torch.tensor([0.7 * factor[0], 0.45 * factor[1], 0.6 * factor[1], 0.9 * factor[0]]) / torch.tensor(
+        [0.7 * factor[0] + 0.3 * factor[1], 0.55 * factor[0] + 0.45 * factor[1],
+         0.4 * factor[0] + 0.6 * factor[1], 0.9 * factor[0] + 0.1 * factor[1]])
+    assert keep_a.flatten().tolist() == (aligned_top >= 0.5).float().tolist()
+    assert aligned_top[1].item() == pytest.approx(0.58996, abs=1e-4)
+
+    # the window: with 2 steps, a third step's ratios replace the first's
+    bcp = method(distribution_alignment=True, alignment_window=2)
+    all_background = torch.zeros_like(y_half)
+    for y in (all_background, y_half, y_half):
+        bcp._pseudo_labels((x, x), y)
+    assert len(bcp.labeled_ratios) == 2 and torch.allclose(bcp.alignment_factor, factor)
+    # resume restores both histories, so the next factor is the same as without the interruption
+    resumed = method(distribution_alignment=True, alignment_window=2)
+    resumed.load_state_dict(bcp.state_dict())
+    bcp._pseudo_labels((x, x), all_background)
+    resumed._pseudo_labels((x, x), all_background)
+    assert torch.equal(resumed.alignment_factor, bcp.alignment_factor)
+    assert bcp.alignment_factor[1].item() == pytest.approx(0.25 / 0.3625)
+
+
+def test_bcp_distribution_alignment_logs_its_factors_and_leaves_stage_1_alone():
+    b = batch((16, 16))
+
+    def steps(**options):
+        bcp = BCP(tiny_unet(2), BCPConfig(pretrain_iterations=1, **options), ctx(2, (16, 16), total=3))
+        return bcp.step(b, 0), bcp.step(b, 1)
+
+    (ref1, ref2), (res1, res2) = steps(), steps(distribution_alignment=True)
+    assert res1.loss.item() == pytest.approx(ref1.loss.item(), rel=1e-6)
+    assert "alignment_factor/1" not in ref2.logs
+    assert {f"alignment_factor/{c}" for c in range(3)} <= set(res2.logs)
+
+
 @pytest.mark.parametrize("dims,shape", [(2, (16, 16)), (3, (8, 8, 8))])
 def test_bcp_supervised_weight_adds_the_unmixed_labelled_loss_in_stage_2_only(dims, shape):
     """supervised_weight w (a medda option): stage 2's loss is the reference's + w * Seg on the unmixed labelled
@@ -504,7 +571,7 @@ def test_loop_phase_switch_reloads_best_and_restarts_selection(tmp_path):
 
 
 def test_loop_cross_validation_fold_switches_from_the_last_weights_and_final_run_stops_early(tmp_path):
-    """A cross-validation fold (`score_only=True`) only scores: it writes no best checkpoint, and BCP's stage 2 starts
+    """A cross-validation fold (`validation_use="score"`) only scores: it writes no best checkpoint, and BCP's stage 2 starts
     from the last stage-1 weights, as in the final run, which has no validation. `stop_at` ends the run early under
     the full schedule."""
     import itertools
@@ -538,7 +605,7 @@ def test_loop_cross_validation_fold_switches_from_the_last_weights_and_final_run
     result = run_loop(bcp, streams, train, optim, torch.device("cpu"), None, save, validate,
                       log=lambda metrics, it: lrs.extend((it, v) for k, v in metrics.items() if k == "train/lr"),
                       log_every=1,
-                      score_only=True, stop_at=6)
+                      validation_use="score", stop_at=6)
     for k, v in snapshots[4].items():  # the last stage-1 weights (iteration 4), not the best (iteration 2)
         assert torch.equal(switch["student"][k], v)
     assert result.iterations == 6 and [h["iteration"] for h in result.history] == [2, 4, 6]

@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -85,12 +86,15 @@ def _to_device(batch: dict, device: torch.device, fmt: torch.memory_format | Non
     return out
 
 
+ValidationUse = Literal["select", "select_in_phase", "score"]  # run_loop's `validation_use`
+
+
 class _Selection:
     """Validation, checkpoints and the best model so far (restarted at every new phase)."""
 
-    def __init__(self, method: Method, train: TrainConfig, save, validate, log, score_only: bool = False):
+    def __init__(self, method: Method, train: TrainConfig, save, validate, log, use: ValidationUse = "select"):
         self.method, self.train, self.save, self.validate, self.log = method, train, save, validate, log
-        self.score_only = score_only  # a cross-validation fold: its scores are the result, its models are not
+        self.use = use
         self.history: list[dict] = []
         self.stopped = ""
         self.restart()
@@ -118,7 +122,7 @@ class _Selection:
         self.keep(it)
         if result.score > self.best_score:
             self.best_score, self.best_iteration = result.score, it
-            if self.score_only:
+            if self.use == "score":  # a cross-validation fold: its scores are the result, its models are not
                 return False
             self.best_path = self.save("best", it)
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.method.eval_model().state_dict().items()}
@@ -209,8 +213,7 @@ def run_loop(
     log_every: int = 10,
     score_initial: bool = False,
     resume: Resume | None = None,
-    score_only: bool = False,
-    phase_from_best: bool = True,
+    validation_use: ValidationUse = "select",
     stop_at: int | None = None,
 ) -> LoopResult:
     """Run `method` for `train.iterations` (or one pass for one-pass methods).
@@ -225,10 +228,11 @@ def run_loop(
         score_initial: validate the untouched starting model as iteration 0 (adaptation: the source model is a
             candidate, and adapting must beat it).
         resume: where to write the resume state, and the state to continue from (`medda.engine.resume`).
-        score_only: validation only scores (a cross-validation fold): no best checkpoint is written or kept, so a new
-            phase starts from the previous phase's last weights, as in a run without validation.
-        phase_from_best: a new phase (BCP's self-training) starts from the previous phase's best validated weights;
-            False: from its last weights (label-free selection, whose scores rank a phase's own checkpoints only).
+        validation_use: what the validator's scores decide. "select": the best checkpoint of the final phase is
+            kept, and a new phase (BCP's self-training) starts from the previous phase's best weights. "select_in_phase":
+            the same, but a new phase starts from the previous phase's last weights (label-free selection, whose
+            scores rank one phase's own checkpoints only). "score": scores only (a cross-validation fold): no best
+            checkpoint is written or kept, and a new phase starts from the last weights.
         stop_at: stop after this many iterations, the LR schedule still that of `train.iterations` (the final run
             of cross-validation stops at the iteration its folds chose).
 
@@ -241,7 +245,7 @@ def run_loop(
         network.to(device)             # slower convolutions and a 10x slower argmax over its classes
         if fmt is not None:
             network.to(memory_format=fmt)
-    selection = _Selection(method, train, save, validate, log, score_only)
+    selection = _Selection(method, train, save, validate, log, validation_use)
     start = time.perf_counter()
     previous = resume.loop if resume is not None else None
     if score_initial and previous is None:
@@ -278,7 +282,7 @@ def run_loop(
             if method.phase(it) != phase:  # BCP pre-training -> self-training: from the previous phase's best weights
                 phase = method.phase(it)
                 # under torchrun rank 0 validated: every process starts the phase from its best weights
-                best = selection.best_state if phase_from_best else None  # None: from the last weights
+                best = selection.best_state if validation_use == "select" else None  # None: from the last weights
                 best = distributed.broadcast_object(best) if ddp is not None else best
                 method.start_phase(phase, best)
                 selection.restart()  # the selected model is always one of the final phase (BCP reference)

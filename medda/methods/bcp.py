@@ -27,6 +27,11 @@ Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with
   - `supervised_weight` w (a medda option, 0 = the reference): L += w * Seg(Q(X_l); Y_l | everywhere), the
     supervised baseline's loss on the unmixed labelled batch, so the student keeps seeing whole labelled images
     (one more student forward per step).
+  - `distribution_alignment` (a medda option, off = the reference; Berthelot et al., ReMixMatch, ICLR 2020):
+    the teacher's probabilities P are replaced by normalise(P * r_l / r_t) before the argmax, r_l the mean
+    class ratios of the labelled targets and r_t the mean of the teacher's probabilities over the unlabelled
+    voxels, each averaged over the last `alignment_window` stage-2 steps (this step included), so that
+    self-training cannot drift the predicted class ratios away from the labelled ones.
 Seg(Q; Y | R) = (CE_R + Dice_R) / 2, CE_R = sum_R CE / |R| (|R| counted over the batch), Dice_R the soft Dice
 over all classes (background included) restricted to R, in one of two forms (`dice_variant`):
   "pooled_squared" (ACDC): per class, pooled over the batch, 1 - (2 sum p y r + s) / (sum p^2 r + sum y^2 r + s),
@@ -108,6 +113,14 @@ class BCPConfig(MethodConfig):
         description="medda option, not in the reference: stage 2 adds this times the supervised loss on the "
         "unmixed labelled batch; 0 = the reference (labelled images are seen only inside the mixes)",
     )
+    distribution_alignment: bool = Field(
+        False,
+        description="medda option, not in the reference (ReMixMatch's distribution alignment): before the argmax, "
+        "the teacher's class probabilities are multiplied by the labelled batches' class ratios over the teacher's "
+        "mean predicted ratios on the unlabelled batches (both averaged over the last `alignment_window` stage-2 "
+        "steps) and renormalised; False = the reference",
+    )
+    alignment_window: int = Field(128, ge=1, description="steps averaged by `distribution_alignment`")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,6 +332,10 @@ class BCP(Method):
         self.generator = torch.Generator()
         self.generator.manual_seed(context.seed)
         self.last_box: tuple[tuple[int, int], ...] | None = None
+        # per stage-2 step, the labelled class ratios and the teacher's mean probabilities (distribution_alignment)
+        self.labeled_ratios: list[torch.Tensor] = []
+        self.teacher_ratios: list[torch.Tensor] = []
+        self.alignment_factor: torch.Tensor | None = None
 
     # -- schedule -----------------------------------------------------------------------------------------
 
@@ -367,19 +384,48 @@ class BCP(Method):
         return x[: n // 2], x[n // 2 :]
 
     @torch.no_grad()
-    def _pseudo_label(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's pseudo-label (B, *S) and, with `pseudo_confidence`, the float mask of the voxels kept."""
+    def _pseudo_labels(
+        self, halves: tuple[torch.Tensor, ...], y_l: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per unlabelled half, the teacher's pseudo-label (B, *S) and, with `pseudo_confidence`, the float mask of
+        the voxels kept. With `distribution_alignment` the probabilities are aligned first (module doc)."""
         self.teacher.train(self.config.teacher_mode == "train")
-        logits = self.teacher(x).float()
-        pred = torch.argmax(logits, dim=1)
-        if self.config.lcc:
-            pred = largest_component(pred, self.context.spatial_dims, self.config.connectivity)
-        if self.config.pseudo_confidence is None:
-            return pred, None
-        # the probability of the final label: a voxel that the LCC turned into background keeps only if the
-        # teacher itself was confident it is background
-        prob = torch.softmax(logits, dim=1).gather(1, pred.unsqueeze(1)).squeeze(1)
-        return pred, (prob >= self.config.pseudo_confidence).float()
+        logits = [self.teacher(x).float() for x in halves]
+        probs = [torch.softmax(z, dim=1) for z in logits]
+        align = self.config.distribution_alignment
+        if align:
+            probs = self._align(probs, y_l)
+        labels = []
+        for z, prob in zip(logits, probs, strict=True):
+            pred = torch.argmax(prob if align else z, dim=1)
+            if self.config.lcc:
+                pred = largest_component(pred, self.context.spatial_dims, self.config.connectivity)
+            if self.config.pseudo_confidence is None:
+                labels.append((pred, None))
+                continue
+            # the probability of the final label: a voxel that the LCC turned into background keeps only if the
+            # teacher itself was confident it is background
+            kept = prob.gather(1, pred.unsqueeze(1)).squeeze(1)
+            labels.append((pred, (kept >= self.config.pseudo_confidence).float()))
+        return labels
+
+    def _align(self, probs: list[torch.Tensor], y_l: torch.Tensor) -> list[torch.Tensor]:
+        """normalise(P * r_l / r_t) with both ratios averaged over the last `alignment_window` steps."""
+        n_classes = probs[0].shape[1]
+        window = self.config.alignment_window
+        labeled = torch.bincount(y_l.flatten(), minlength=n_classes)[:n_classes].float().cpu()
+        self.labeled_ratios = [*self.labeled_ratios, labeled / labeled.sum()][-window:]
+        channels_last = [p.transpose(0, 1).reshape(n_classes, -1) for p in probs]
+        teacher = torch.cat(channels_last, dim=1).mean(dim=1).cpu()
+        self.teacher_ratios = [*self.teacher_ratios, teacher][-window:]
+        r_l = torch.stack(self.labeled_ratios).mean(dim=0)
+        r_t = torch.stack(self.teacher_ratios).mean(dim=0)
+        # a class the teacher never predicts keeps factor 1 rather than an infinite one
+        factor = torch.where(r_t > 0, r_l / r_t.clamp_min(1e-12), torch.ones_like(r_l))
+        self.alignment_factor = factor
+        shape = (1, n_classes) + (1,) * (probs[0].ndim - 2)
+        factor = factor.to(probs[0].device).view(shape)
+        return [(p * factor) / (p * factor).sum(dim=1, keepdim=True).clamp_min(1e-12) for p in probs]
 
     # -- step ---------------------------------------------------------------------------------------------
 
@@ -419,8 +465,7 @@ class BCP(Method):
         p = next(self.teacher.parameters(), None)
         if p is not None and p.device != x_u.device:
             self.teacher.to(x_u.device)
-        plab_a, keep_a = self._pseudo_label(ua)
-        plab_b, keep_b = self._pseudo_label(ub)
+        (plab_a, keep_a), (plab_b, keep_b) = self._pseudo_labels((ua, ub), y_l)
 
         alpha = self.config.u_weight
         q_in = self.model(copy_paste(xa, ua, mask))
@@ -441,6 +486,8 @@ class BCP(Method):
             "stage": 2.0,
             "pseudo_fg_ratio": float(fg),
         }
+        if self.alignment_factor is not None:
+            logs |= {f"alignment_factor/{c}": float(f) for c, f in enumerate(self.alignment_factor)}
         if keep_a is not None and keep_b is not None:
             logs["pseudo_kept_ratio"] = float(0.5 * (keep_a.mean() + keep_b.mean()))
         return StepResult(loss=loss, logs=logs)
@@ -453,10 +500,13 @@ class BCP(Method):
         return self.model
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "teacher": self.teacher.state_dict(), "teacher_ready": self._teacher_ready}
+        return {**super().state_dict(), "teacher": self.teacher.state_dict(), "teacher_ready": self._teacher_ready,
+                "labeled_ratios": list(self.labeled_ratios), "teacher_ratios": list(self.teacher_ratios)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s output (resume)."""
         super().load_state_dict(state)
         self.teacher.load_state_dict(state["teacher"])
         self._teacher_ready = bool(state["teacher_ready"])
+        self.labeled_ratios = list(state.get("labeled_ratios", []))
+        self.teacher_ratios = list(state.get("teacher_ratios", []))
