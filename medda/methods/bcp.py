@@ -30,8 +30,8 @@ Stage 2 (iterations [pretrain_iterations, total_iterations)): self-training with
   - `distribution_alignment` (a medda option, off = the reference; Berthelot et al., ReMixMatch, ICLR 2020):
     the teacher's probabilities P are replaced by normalise(P * r_l / r_t) before the argmax, r_l the mean
     class ratios of the labelled targets and r_t the mean of the teacher's probabilities over the unlabelled
-    voxels, each averaged over the last `alignment_window` stage-2 steps (this step included), so that
-    self-training cannot drift the predicted class ratios away from the labelled ones.
+    voxels, each averaged over the last `alignment_window` stage-2 steps (this step included): the pseudo-labels'
+    class ratios are pulled towards the labelled ones (under torchrun each process averages its own batches).
 Seg(Q; Y | R) = (CE_R + Dice_R) / 2, CE_R = sum_R CE / |R| (|R| counted over the batch), Dice_R the soft Dice
 over all classes (background included) restricted to R, in one of two forms (`dice_variant`):
   "pooled_squared" (ACDC): per class, pooled over the batch, 1 - (2 sum p y r + s) / (sum p^2 r + sum y^2 r + s),
@@ -391,10 +391,12 @@ class BCP(Method):
         the voxels kept. With `distribution_alignment` the probabilities are aligned first (module doc)."""
         self.teacher.train(self.config.teacher_mode == "train")
         logits = [self.teacher(x).float() for x in halves]
-        probs = [torch.softmax(z, dim=1) for z in logits]
         align = self.config.distribution_alignment
-        if align:
-            probs = self._align(probs, y_l)
+        if align or self.config.pseudo_confidence is not None:
+            probs = [torch.softmax(z, dim=1) for z in logits]
+            probs = self._align(probs, y_l) if align else probs
+        else:  # the reference: the argmax of the logits, no probabilities needed
+            probs = [None] * len(logits)
         labels = []
         for z, prob in zip(logits, probs, strict=True):
             pred = torch.argmax(prob if align else z, dim=1)
