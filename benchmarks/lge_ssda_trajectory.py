@@ -39,22 +39,19 @@ def label_free_scorer(cfg, labelled_prior):
     monitor `train.select_by=label_free` uses, with the same prior."""
     import torch
 
-    from medda.api import PREPROCESSING_FIELDS
+    from medda.api import PREPROCESSING_FIELDS, label_free_monitor
     from medda.data.loading import Data
-    from medda.inference import Predictor
     from medda.models.factory import load_model
     from medda.runtime import Runtime
-    from medda.selection import LabelFreeValidator, snapshot_bn
 
     runtime = Runtime.setup(cfg)
     source, meta = load_model(cfg.source_checkpoint)
     data_cfg = cfg.data.model_copy(update={k: meta["data"][k] for k in PREPROCESSING_FIELDS})
     data = Data.load(data_cfg)
     cases = data.cases(data_cfg.unlabeled, "unlabeled")
-    no_flips = cfg.inference.model_copy(update={"tta_flips": False})
     selection = cfg.selection.model_copy(update={"cases": len(cases)})
-    monitor = LabelFreeValidator(lambda m: Predictor.on(runtime, m, data_cfg, no_flips, False), data, cases,
-                                 torch.tensor(labelled_prior), snapshot_bn(source), selection)
+    monitor = label_free_monitor(runtime, cfg.model_copy(update={"data": data_cfg, "selection": selection}), data,
+                                 cases, torch.tensor(labelled_prior), source)
 
     def score(checkpoint: Path, iteration: int) -> dict:
         model, _ = load_model(checkpoint)

@@ -196,6 +196,16 @@ def _refuse_overlap(cases: list[dict], test_cases: list[dict], field: str) -> No
         )
 
 
+def label_free_monitor(runtime: Runtime, cfg: RunConfig, data: Data, cases: list[dict],
+                       marginal: torch.Tensor | None, model: nn.Module) -> LabelFreeValidator:
+    """The label-free monitor of a run (`medda adapt`, `train.select_by=label_free`; docs/methods.md section 7):
+    the run's predictor without flips (flip consistency makes its own) on `cases`, `marginal` the prior of its KL
+    term, `model`'s batch-norm statistics the source's."""
+    no_flips = cfg.inference.model_copy(update={"tta_flips": False})
+    return LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
+                              data, cases, marginal, snapshot_bn(model), cfg.selection)
+
+
 def few_label_selection(select_by: str, has_val: bool, can_monitor: bool = False) -> str:
     """The checkpoint rule of a run that trains on labels (README "Model selection with few labels").
 
@@ -391,9 +401,7 @@ def _train(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     class_prior = measure_class_prior(data.card, cfg.data, labeled, data.card_path)
     prior = Prior.from_record(class_prior, data.card.class_names, "train")
     if selection == "label_free" and main:  # the labelled cases' own class ratios are the prior of the KL term
-        no_flips = cfg.inference.model_copy(update={"tta_flips": False})
-        validate = LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
-                                      data, unlabeled, torch.tensor(prior.marginal), snapshot_bn(model), cfg.selection)
+        validate = label_free_monitor(runtime, cfg, data, unlabeled, torch.tensor(prior.marginal), model)
     context = _method_context(cfg, num_classes, prior, cfg.train.iterations)
     method = _build_method(cfg, model, context)
     out = cfg.output_dir
@@ -562,9 +570,7 @@ def _adapt(cfg: RunConfig, tracker: Tracker | None, tags: dict | None, resume: b
     method = _build_method(cfg, model, _method_context(cfg, meta["num_classes"], prior, cfg.train.iterations))
     tracker = (tracker or make_tracker(cfg.tracking)) if main else NullTracker(cfg.tracking)
     marginal = torch.tensor(prior.marginal) if prior.marginal else None
-    no_flips = cfg.inference.model_copy(update={"tta_flips": False})
-    label_free = LabelFreeValidator(lambda m: Predictor.on(runtime, m, cfg.data, no_flips, cfg.train.channels_last),
-                                    data, target, marginal, snapshot_bn(model), cfg.selection)
+    label_free = label_free_monitor(runtime, cfg, data, target, marginal, model)
     streams, length = _adaptation_streams(cls, data, cfg, target, labeled_target)
     if not cfg.data.cache and not cls.one_pass:  # as in `train`: every case read before anything exists
         data.check(target, False)

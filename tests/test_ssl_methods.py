@@ -458,17 +458,18 @@ def test_bcp_distribution_alignment_hand_values_window_and_resume():
 
     reference = method()._pseudo_labels((x, x), y_half)
     assert reference[0][0].tolist() == [[[0, 0, 1, 0]]]  # the plain argmax: only p = 0.6 is class 1
-    bcp = method(distribution_alignment=True, pseudo_confidence=0.5)
+    bcp = method(distribution_alignment=True, pseudo_confidence=0.58)
     (label_a, keep_a), (label_b, _) = bcp._pseudo_labels((x, x), y_half)
     # r_l = (0.5, 0.5); r_t = (0.6375, 0.3625), the mean of P over both halves' voxels
     factor = torch.tensor([0.5 / 0.6375, 0.5 / 0.3625])
     assert torch.allclose(bcp.alignment_factor, factor)
     assert label_a.tolist() == label_b.tolist() == [[[0, 1, 1, 0]]]  # 0.45 * 1.379 > 0.55 * 0.784
-    # the kept mask is judged on the aligned probability of the final label: 0.45 -> 0.590, 0.3 -> 0.549 (class 0)
+    # the kept mask is judged on the aligned probability of the final label: 0.45 -> 0.590, 0.3 -> 0.570 (class 0);
+    # on the raw probabilities (0.7, 0.55, 0.6, 0.9) the same threshold would keep (1, 0, 1, 1)
     aligned_top = torch.tensor([0.7 * factor[0], 0.45 * factor[1], 0.6 * factor[1], 0.9 * factor[0]]) / torch.tensor(
         [0.7 * factor[0] + 0.3 * factor[1], 0.55 * factor[0] + 0.45 * factor[1],
          0.4 * factor[0] + 0.6 * factor[1], 0.9 * factor[0] + 0.1 * factor[1]])
-    assert keep_a.flatten().tolist() == (aligned_top >= 0.5).float().tolist()
+    assert keep_a.flatten().tolist() == (aligned_top >= 0.58).float().tolist() == [0.0, 1.0, 1.0, 1.0]
     assert aligned_top[1].item() == pytest.approx(0.58996, abs=1e-4)
 
     # the window: with 2 steps, a third step's ratios replace the first's

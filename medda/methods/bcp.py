@@ -417,8 +417,7 @@ class BCP(Method):
         window = self.config.alignment_window
         labeled = torch.bincount(y_l.flatten(), minlength=n_classes)[:n_classes].float().cpu()
         self.labeled_ratios = [*self.labeled_ratios, labeled / labeled.sum()][-window:]
-        channels_last = [p.transpose(0, 1).reshape(n_classes, -1) for p in probs]
-        teacher = torch.cat(channels_last, dim=1).mean(dim=1).cpu()
+        teacher = torch.cat(probs).mean(dim=[0, *range(2, probs[0].ndim)]).cpu()  # over every unlabelled voxel
         self.teacher_ratios = [*self.teacher_ratios, teacher][-window:]
         r_l = torch.stack(self.labeled_ratios).mean(dim=0)
         r_t = torch.stack(self.teacher_ratios).mean(dim=0)
