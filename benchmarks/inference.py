@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -193,11 +194,16 @@ def compare(checkpoint: Path, card_path: Path, images: Path, split: str | None, 
 
 
 def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, exclude_split: str | None,
-          limit: int | None, threads: int, device: str, overlaps: list[float], batches: list[int]) -> dict:
+          limit: int | None, threads: int, device: str, overlaps: list[float], batches: list[int],
+          compiled: bool = False) -> dict:
     """medda's predictor at each window setting (overlap x sw_batch_size, Gaussian blending, medda's autocast and
     layout): time over the cases (after one warm-up case per setting), agreement with medda's default setting and,
     where the cases have labels, Dice against them on the preprocessed grid (voxels). This is the measurement behind
-    the default window settings; run it on cases that are not a test set."""
+    the default window settings; run it on cases that are not a test set.
+
+    `compiled`: each setting also runs through `torch.compile` with inductor's freezing (batch norm folded into the
+    convolutions, weights pre-packed: the inference-only compilation), warming up on every case (one compilation per
+    distinct window-batch shape) and reporting that warm-up's time."""
     import numpy as np
     import torch
 
@@ -207,25 +213,34 @@ def sweep(checkpoint: Path, card_path: Path, images: Path, split: str | None, ex
                                                              limit, threads, device, with_labels=True)
     reference = [to_label(default.probabilities(image))[0, 0] for image, _ in prepared]
     rows = []
-    for overlap in overlaps:
-        for batch in batches:
-            predictor = Predictor.on(runtime, default.model, data_cfg, cfg.inference.model_copy(
-                update={"overlap": overlap, "sw_batch_size": batch}), cfg.train.channels_last)
-            predictor.probabilities(prepared[0][0])  # warm-up
-            seconds, agreement, dice = 0.0, [], []
-            for (image, truth), ref in zip(prepared, reference, strict=True):
-                start = time.perf_counter()
-                label = to_label(predictor.probabilities(image))[0, 0]
-                seconds += time.perf_counter() - start
-                agreement.append(_agreement(label, ref, card.num_classes))
-                if truth is not None:
-                    dice.append(_agreement(label, truth[0], card.num_classes))
-            shapes = [image.shape[2:] for image, _ in prepared]
-            rows.append({"overlap": overlap, "sw_batch_size": batch, "seconds": seconds,
-                         "seconds_per_case": seconds / len(prepared),
-                         "windows": sum(_window_count(list(s), predictor) for s in shapes),
-                         "agreement_with_default": float(np.mean(agreement)),
-                         "dice_vs_labels": float(np.mean(dice)) if dice else None})
+    for overlap, batch, compiling in itertools.product(overlaps, batches, [False, True] if compiled else [False]):
+        model = default.model
+        if compiling:
+            torch._inductor.config.freezing = True
+            torch._dynamo.reset()
+            model = torch.compile(default.model, dynamic=False)
+        predictor = Predictor.on(runtime, model, data_cfg, cfg.inference.model_copy(
+            update={"overlap": overlap, "sw_batch_size": batch}), cfg.train.channels_last)
+        start = time.perf_counter()
+        # warm-up: one case; compiled, every case, so that each window-batch shape is compiled before the timing
+        for image, _ in prepared if compiling else prepared[:1]:
+            predictor.probabilities(image)
+        warmup_seconds = time.perf_counter() - start
+        seconds, agreement, dice = 0.0, [], []
+        for (image, truth), ref in zip(prepared, reference, strict=True):
+            start = time.perf_counter()
+            label = to_label(predictor.probabilities(image))[0, 0]
+            seconds += time.perf_counter() - start
+            agreement.append(_agreement(label, ref, card.num_classes))
+            if truth is not None:
+                dice.append(_agreement(label, truth[0], card.num_classes))
+        shapes = [image.shape[2:] for image, _ in prepared]
+        rows.append({"overlap": overlap, "sw_batch_size": batch, "compiled": compiling,
+                     "warmup_seconds": warmup_seconds, "seconds": seconds,
+                     "seconds_per_case": seconds / len(prepared),
+                     "windows": sum(_window_count(list(s), predictor) for s in shapes),
+                     "agreement_with_default": float(np.mean(agreement)),
+                     "dice_vs_labels": float(np.mean(dice)) if dice else None})
     return {"cases": len(prepared), "preprocessed_shapes": [list(image.shape[2:]) for image, _ in prepared],
             "threads": torch.get_num_threads(), "amp": str(runtime.amp),
             "default": cfg.inference.model_dump(include={"overlap", "sw_batch_size", "blend"}),
@@ -314,6 +329,8 @@ def main() -> None:
     parser.add_argument("--exclude-split", help="card split whose cases are left out (e.g. the labelled ones)")
     parser.add_argument("--overlaps", type=float, nargs="+", default=[0.25, 0.5])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--compile", action="store_true", help="--sweep: each setting also through torch.compile "
+                        "(inference freezing); its warm-up runs every case once and holds the compilation")
     parser.add_argument("--skip-rss", action="store_true", help="no peak-RSS measurement after the comparison")
     parser.add_argument("--rss-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -329,7 +346,7 @@ def main() -> None:
             elif not (args.checkpoint and args.card and args.images):
                 parser.error("--sweep needs --checkpoint, --card and --images (or --quick)")
             r = sweep(args.checkpoint, args.card, args.images, args.split, args.exclude_split, args.limit,
-                      args.threads, args.device, args.overlaps, args.batches)
+                      args.threads, args.device, args.overlaps, args.batches, args.compile)
         result = {"machine": machine_description(), "checkpoint": str(args.checkpoint), "images": str(args.images),
                   "split": args.split, "exclude_split": args.exclude_split, "sweep": r}
         if not args.quick:
@@ -338,12 +355,13 @@ def main() -> None:
         m = result["machine"]
         print(f"CPU capability {m['cpu_capability']}, bf16 units {m['bf16_units']}, AMX {m['amx']}, GPU {m['gpu']}; {r['cases']} "
               f"cases, {r['threads']} threads, autocast {r['amp']}, window {r['roi_size']}, default {r['default']}\n")
-        print("| overlap | sw_batch_size | windows | seconds per case | agreement with the default | "
-              "Dice vs labels (voxels) |")
-        print("|---|---|---|---|---|---|")
+        print("| overlap | sw_batch_size | compiled | windows | seconds per case | warm-up (s) | "
+              "agreement with the default | Dice vs labels (voxels) |")
+        print("|---|---|---|---|---|---|---|---|")
         for row in r["settings"]:
             dice = "-" if row["dice_vs_labels"] is None else f"{100 * row['dice_vs_labels']:.2f}"
-            print(f"| {row['overlap']} | {row['sw_batch_size']} | {row['windows']} | {row['seconds_per_case']:.2f} | "
+            print(f"| {row['overlap']} | {row['sw_batch_size']} | {'yes' if row['compiled'] else 'no'} | "
+                  f"{row['windows']} | {row['seconds_per_case']:.2f} | {row['warmup_seconds']:.1f} | "
                   f"{row['agreement_with_default']:.4f} | {dice} |")
         return
 

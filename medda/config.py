@@ -103,7 +103,8 @@ class TrainConfig(Strict):
         None, ge=1, description="Write the resume state (output_dir/resume.pt, for --resume) every N iterations; None: val_every."
     )
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="auto: bf16 autocast on CPUs with bf16 units and on CUDA; off: float32."
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with native bf16 (x86: AVX512_BF16 or AMX), "
+        "else float32; off: float32."
     )
     channels_last: bool = Field(True, description="channels_last(_3d) memory layout (faster convolutions on CPU).")
     compile: bool = Field(

@@ -119,8 +119,17 @@ def gpu_index() -> int:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 units (oneDNN's check; without them bf16 autocast is slower)."""
+    """Whether this CPU computes bf16 natively: on x86, the AVX512_BF16 instructions or AMX tiles.
+
+    oneDNN's own check (`_is_mkldnn_bf16_supported`) is not enough on x86: it also says yes on AVX-512 CPUs without
+    bf16 instructions (Skylake-SP, Cascade Lake, Ice Lake servers), where oneDNN emulates bf16, and there bf16
+    autocast made the ACDC 2D training step 2.3x and its inference 3.3x slower than float32 (BENCHMARKS.md,
+    "bf16 on an AVX-512 CPU without bf16 units"). Other architectures (Arm) keep oneDNN's check, which reads their
+    bf16 flag.
+    """
     try:
+        if platform.machine().lower() in {"x86_64", "amd64", "i386", "i686"}:
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
@@ -134,10 +143,19 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor @ 2.80GHz") where Linux reports one, else the architecture."""
+    for line in (_read(cpuinfo) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def machine_description() -> dict:
     """What every benchmark result records about the machine: the figures depend on it (BENCHMARKS.md)."""
     return {
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "cpu": cpu_model(), "cpus": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_units": cpu_has_bf16(),
         "amx": cpu_has_amx(), "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

@@ -143,3 +143,35 @@ def test_machine_description_names_the_capabilities_behind_every_figure(monkeypa
     assert described["cpus"] == os.cpu_count() and described["torch"] == torch.__version__
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert runtime.cpu_has_amx() is False  # an older torch without the probe
+
+
+@pytest.mark.parametrize(
+    ("machine", "avx512_bf16", "amx", "onednn_says", "expected"),
+    [
+        ("x86_64", False, False, True, None),  # AVX-512 without bf16 (Ice Lake): oneDNN emulates bf16, so float32
+        ("x86_64", True, False, True, torch.bfloat16),  # AVX512_BF16 (AMD Zen 4, Cooper Lake)
+        ("x86_64", False, True, True, torch.bfloat16),  # AMX tiles (Sapphire Rapids and later)
+        ("x86_64", False, False, False, None),  # AVX2 only
+        ("aarch64", False, False, True, torch.bfloat16),  # Arm: oneDNN reads the CPU's own bf16 flag
+        ("aarch64", False, False, False, None),
+    ],
+)
+def test_auto_amp_uses_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, machine, avx512_bf16, amx,
+                                                                   onednn_says, expected):
+    """`train.amp: auto` autocasts to bf16 on a CPU only with native bf16 arithmetic; an x86 CPU with AVX-512 but no
+    bf16 instructions, which oneDNN calls bf16-capable, runs float32 (emulated bf16 measured 2.3x slower there)."""
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_says)
+    assert runtime.autocast_dtype("auto", torch.device("cpu")) == expected
+    assert runtime.autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # asked for explicitly: kept
+    assert runtime.autocast_dtype("off", torch.device("cpu")) is None
+
+
+def test_cpu_model_reads_linux_cpuinfo_and_falls_back_to_the_architecture(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.80GHz\n"
+                       "flags\t\t: fpu avx2\n", encoding="utf-8")
+    assert runtime.cpu_model(cpuinfo) == "Intel(R) Xeon(R) Processor @ 2.80GHz"
+    assert runtime.cpu_model(tmp_path / "absent") == (runtime.platform.processor() or runtime.platform.machine())
