@@ -19,6 +19,7 @@ stopping rule for k = 1 (where cross-validation is impossible) could be built on
     .venv/bin/python benchmarks/lge_ssda_trajectory.py --steps trajectory_bcp_k1_it1800   # one run, every checkpoint
     ... --k 1 --tag teval --option teacher_mode=eval     # a BCP variant: one option changed (BENCHMARKS.md, "What
                                                          # drives the k = 1 drift")
+    ... --results benchmarks/results/lge_ssda_source3    # another source model's runs (one folder per source model)
 """
 from __future__ import annotations
 
@@ -172,16 +173,21 @@ def main() -> int:
     parser.add_argument("--tag", help="a BCP variant's name: trains into trajectory_bcp_TAG_k<k>...")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a BCP option of the variant, on top of the recipe's (repeatable; needs --tag)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="where trajectories go and --table reads them (default %(default)s); one folder per "
+                        "source model")
+    parser.add_argument("--source-checkpoint", type=Path,
+                        help="the bSSFP source model (default: the one run_ssda_benchmark.py uses)")
     args = parser.parse_args()
     if bool(args.option) != bool(args.tag) or (args.tag and args.method != "bcp"):
         parser.error("a BCP variant takes both --tag and --option (and --method bcp)")
     if any("=" not in item for item in args.option):
         parser.error("--option takes KEY=VALUE")
     if args.table:
-        print(table() + "\n\n" + verdicts())
+        print(table(args.results) + "\n\n" + verdicts(args.results))
         return 0
     if args.steps:
-        print(steps(args.steps))
+        print(steps(args.steps, args.results))
         return 0
 
     from medda import api
@@ -197,12 +203,13 @@ def main() -> int:
         extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     else:  # the twin trains on the labelled images alone; the unlabelled ones are only scored, after the run
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null", "method.options={}"]
-    cfg = ssda.config(args.k, name, extra)
+    cfg = ssda.config(args.k, name, extra, args.source_checkpoint)
     t0 = time.perf_counter()
     trained = api.train(cfg)
     train_wall = time.perf_counter() - t0
     prior = labelled_ratios(cfg)
-    score = label_free_scorer(ssda.config(args.k, name, extra[:1]), prior)  # the recipe's unlabelled images
+    # scored on the recipe's unlabelled images (the twin trains without them)
+    score = label_free_scorer(ssda.config(args.k, name, extra[:1], args.source_checkpoint), prior)
     kept = sorted(trained.last.parent.glob("it*.pt"), key=lambda p: int(p.stem[2:]))
     trajectory = [{"iteration": 0, "label_free": score(Path(cfg.source_checkpoint), 0),
                    "held_out": _held_out(Path(cfg.source_checkpoint), cfg, "it0")}]
@@ -218,8 +225,8 @@ def main() -> int:
         "hardware": {**machine_description(), "torch_threads": cfg.train.threads},
         "source_checkpoint": str(cfg.source_checkpoint), "trajectory": trajectory,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"  # not lge_ssda_*: run_ssda_benchmark's tables read those
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{name}.json"  # not lge_ssda_*: run_ssda_benchmark's tables read those
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(out)
     return 0

@@ -374,6 +374,29 @@ def test_bcp_two_stages(dims, shape):
     assert bcp.eval_model() is net and "teacher" in bcp.state_dict()
 
 
+def test_bcp_ema_decay_one_keeps_the_stage_1_teacher_while_the_student_trains():
+    """ema_decay=1.0: self-training with a fixed teacher (the stage-1 model); its pseudo-labels never move."""
+    net = tiny_unet(2)
+    bcp = BCP(net, BCPConfig(pretrain_iterations=1, ema_decay=1.0), ctx(2, (16, 16), total=6))
+    opt = torch.optim.SGD(bcp.configure(), lr=0.1)
+    b = batch((16, 16))
+    halves = (b["unlabeled"]["image"][:2], b["unlabeled"]["image"][2:])
+    teacher_weights = first_labels = None
+    for it in range(6):
+        res = bcp.step(b, it)
+        if it == 1:  # the switch: the teacher is the stage-1 student
+            teacher_weights = [p.clone() for p in bcp.teacher.parameters()]
+            first_labels = [y for y, _ in bcp._pseudo_labels(halves, b["labeled"]["label"])]
+        opt.zero_grad()
+        res.loss.backward()
+        opt.step()
+        bcp.after_step(it)
+    assert all(torch.equal(a, p) for a, p in zip(teacher_weights, bcp.teacher.parameters(), strict=True))
+    assert not all(torch.equal(a, p) for a, p in zip(teacher_weights, net.parameters(), strict=True))
+    later = [y for y, _ in bcp._pseudo_labels(halves, b["labeled"]["label"])]
+    assert all(torch.equal(a, c) for a, c in zip(first_labels, later, strict=True))
+
+
 def test_bcp_load_pretrain_best_and_errors():
     net = tiny_unet(2)
     bcp = BCP(net, BCPConfig(pretrain_iterations=0, legacy_bg_mask=True, teacher_mode="eval"), ctx(2, (8, 8)))

@@ -80,7 +80,9 @@ class BCPConfig(MethodConfig):
     )
     beta: float = Field(2.0 / 3.0, gt=0.0, le=1.0, description="cuboid edge ratio per spatial axis")
     u_weight: float = Field(0.5, ge=0.0, description="alpha, the weight of pseudo-labelled regions")
-    ema_decay: float = Field(0.99, ge=0.0, le=1.0, description="teacher EMA decay (stage 2)")
+    ema_decay: float = Field(
+        0.99, ge=0.0, le=1.0, description="teacher EMA decay (stage 2); 1.0 keeps the stage-1 model as a fixed teacher"
+    )
     ema_scope: Literal["params", "state_dict"] | None = Field(
         None, description="None: 2D state_dict, 3D params"
     )
