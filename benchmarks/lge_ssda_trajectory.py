@@ -176,8 +176,6 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="where trajectories go and --table reads them (default %(default)s); one folder per "
                         "source model")
-    parser.add_argument("--source-checkpoint", type=Path,
-                        help="the bSSFP source model (default: the one run_ssda_benchmark.py uses)")
     args = parser.parse_args()
     if bool(args.option) != bool(args.tag) or (args.tag and args.method != "bcp"):
         parser.error("a BCP variant takes both --tag and --option (and --method bcp)")
@@ -203,13 +201,13 @@ def main() -> int:
         extra.append("method.options={" + ", ".join(f"{k}: {v}" for k, v in options.items()) + "}")
     else:  # the twin trains on the labelled images alone; the unlabelled ones are only scored, after the run
         extra += ["data.unlabeled=null", "train.unlabeled_batch_size=null", "method.options={}"]
-    cfg = ssda.config(args.k, name, extra, args.source_checkpoint)
+    cfg = ssda.config(args.k, name, extra)
     t0 = time.perf_counter()
     trained = api.train(cfg)
     train_wall = time.perf_counter() - t0
     prior = labelled_ratios(cfg)
     # scored on the recipe's unlabelled images (the twin trains without them)
-    score = label_free_scorer(ssda.config(args.k, name, extra[:1], args.source_checkpoint), prior)
+    score = label_free_scorer(ssda.config(args.k, name, extra[:1]), prior)
     kept = sorted(trained.last.parent.glob("it*.pt"), key=lambda p: int(p.stem[2:]))
     trajectory = [{"iteration": 0, "label_free": score(Path(cfg.source_checkpoint), 0),
                    "held_out": _held_out(Path(cfg.source_checkpoint), cfg, "it0")}]
